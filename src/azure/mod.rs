@@ -1,0 +1,1 @@
+//! Clients for Azure: the only code that speaks HTTP to Azure.

@@ -1,0 +1,1 @@
+//! The local Functions host: a tool beside the product.

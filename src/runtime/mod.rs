@@ -1,0 +1,1 @@
+//! The custom-handler runtime: typed invocations, outputs, logs, a router of named functions. Knows nothing about backup.

@@ -1,0 +1,1 @@
+//! An Azure simulator for local runs and tests.
