@@ -3,10 +3,11 @@
 //! Rooms (arrows run one way): `workflow` → `domain`, `azure`, `events`, `runtime`;
 //! `local` → `runtime` over HTTP only; `simulator` → nothing of the workflow.
 
-pub mod clock;
 pub mod azure;
+pub mod clock;
 pub mod domain;
 pub mod events;
 pub mod local;
 pub mod runtime;
 pub mod simulator;
+pub mod workflow;
