@@ -4,7 +4,7 @@
 
 // pub mod backup;
 // pub mod eligibility;
-// pub mod encryption;
+pub mod encryption;
 // pub mod key_vault_access;
 // pub mod protection_names;
 pub mod reason;
