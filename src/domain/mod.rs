@@ -5,8 +5,8 @@
 // pub mod backup;
 pub mod eligibility;
 pub mod encryption;
-// pub mod key_vault_access;
-// pub mod protection_names;
+pub mod key_vault_access;
+pub mod protection_names;
 pub mod reason;
 pub mod resource_id;
 // pub mod restore;
