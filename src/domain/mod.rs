@@ -2,7 +2,7 @@
 //!
 //! Inputs are plain data types defined here; the workflow maps Azure's models into them.
 
-// pub mod backup;
+pub mod backup;
 pub mod eligibility;
 pub mod encryption;
 pub mod key_vault_access;
