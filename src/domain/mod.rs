@@ -9,7 +9,7 @@ pub mod key_vault_access;
 pub mod protection_names;
 pub mod reason;
 pub mod resource_id;
-// pub mod restore;
+pub mod restore;
 
 pub use reason::{ReasonCode, Rejection};
 pub use resource_id::{ResourceId, ResourceIdError};
