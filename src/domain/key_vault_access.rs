@@ -377,7 +377,7 @@ mod tests {
             at("/subscriptions/s1", CUSTOM, &BMS.to_uppercase()),
         ] {
             assert_eq!(
-                plan_rbac(&kv, BMS, &config, &[ok.clone()]).unwrap(),
+                plan_rbac(&kv, BMS, &config, std::slice::from_ref(&ok)).unwrap(),
                 RbacPlan::AlreadySufficient,
                 "{ok:?}"
             );
@@ -391,7 +391,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    plan_rbac(&kv, BMS, &config, &[not_enough.clone()]).unwrap(),
+                    plan_rbac(&kv, BMS, &config, std::slice::from_ref(&not_enough)).unwrap(),
                     RbacPlan::Assign(_)
                 ),
                 "{not_enough:?}"

@@ -366,12 +366,16 @@ fn fit_name(base: &str, max: usize) -> String {
     }
     let digest = Sha256::digest(base.as_bytes());
     let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    let prefix = trimmed[..max - suffix.len() - 1].trim_end_matches(['-', '.']);
+    // Cut on a character boundary: ids from outside are not guaranteed ASCII.
+    let mut end = max - suffix.len() - 1;
+    while !trimmed.is_char_boundary(end) {
+        end -= 1;
+    }
+    let prefix = trimmed[..end].trim_end_matches(['-', '.']);
     format!("{prefix}-{suffix}")
 }
 
-/// `<vm>-restored-<ticket lowercased>`, at most 64 characters of `[a-z0-9._-]` (plus the VM name's own).
-/// Azure VM names and validated ticket ids are ASCII, so byte slicing is safe.
+/// `<vm>-restored-<ticket lowercased>`, at most 64 bytes.
 pub fn restored_vm_name(vm_name: &str, ticket_id: &str) -> String {
     fit_name(
         &format!("{vm_name}-restored-{}", ticket_id.to_ascii_lowercase()),
@@ -884,6 +888,8 @@ mod tests {
         assert!(d.len() <= MAX_AZURE_NAME_LEN && d.starts_with("vmbackup-restore-t"));
         assert_eq!(d, deployment_name(&ticket));
         assert!(!restored_vm_name("vm", "inc-1.").ends_with('.'));
+        let multibyte = restored_vm_name(&"é".repeat(40), "INC-1");
+        assert!(multibyte.len() <= MAX_AZURE_NAME_LEN, "{multibyte}");
         for name in [a, b, d] {
             assert!(
                 name.chars()
