@@ -101,7 +101,7 @@ impl Default for AgentRecheckPolicy {
 }
 
 /// One key vault to which the Backup Management Service needs access.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyVaultAccessNeed {
     pub key_vault: ResourceId,

@@ -73,7 +73,7 @@ pub struct VmEncryptionFacts {
 }
 
 /// A key encryption key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Kek {
     pub key_vault: ResourceId,
@@ -82,7 +82,7 @@ pub struct Kek {
 }
 
 /// The keys of an ADE VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AdeKeys {
     /// The vault holding the BEK secret.
@@ -98,7 +98,7 @@ pub struct AdeKeys {
 ///
 /// ADE is one variant with an optional KEK rather than two: everything else is shared, and
 /// [`EncryptionKind::report_name`] still tells `ade-bek` from `ade-kek`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum EncryptionKind {
     Pmk,

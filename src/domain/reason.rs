@@ -5,7 +5,19 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A reason code; serialized as the exact contract string (the variant name, e.g. `NoVaultInRegion`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 pub enum ReasonCode {
     /// No Recovery Services vault in the VM's subscription and region.
     NoVaultInRegion,
@@ -111,7 +123,9 @@ impl FromStr for ReasonCode {
 }
 
 /// A decision not to go on, with a reason code and a human-readable message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, schemars::JsonSchema,
+)]
 #[error("{code}: {message}")]
 pub struct Rejection {
     pub code: ReasonCode,

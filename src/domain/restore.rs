@@ -92,7 +92,7 @@ impl FromStr for RecoveryPointSelector {
 
 /// A restore request as it arrives (queue message, webhook body, CLI): raw strings, validated by
 /// [`validate_request`]. Field names are the contract's JSON names.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreRequestFields {
     pub ticket_id: Option<String>,
