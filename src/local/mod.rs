@@ -15,6 +15,6 @@
 
 pub mod app;
 // pub mod host;
-// pub mod queue;
+pub mod queue;
 pub mod schedule;
 // pub mod servicebus_endpoint;
