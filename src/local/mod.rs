@@ -17,4 +17,4 @@ pub mod app;
 // pub mod host;
 pub mod queue;
 pub mod schedule;
-// pub mod servicebus_endpoint;
+pub mod servicebus_endpoint;
