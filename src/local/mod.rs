@@ -14,7 +14,7 @@
 //! The host talks to the handler over HTTP only; it knows nothing of the workflow.
 
 pub mod app;
-// pub mod host;
+pub mod host;
 pub mod queue;
 pub mod schedule;
 pub mod servicebus_endpoint;
