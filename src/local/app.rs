@@ -71,7 +71,8 @@ pub enum Trigger {
     },
     Timer {
         name: String,
-        schedule: Schedule,
+        /// Boxed: the parsed schedule is much larger than the other variants.
+        schedule: Box<Schedule>,
         run_on_startup: bool,
     },
     Http {
@@ -298,15 +299,13 @@ fn read_handler(
     host: &Value,
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<HandlerDescription, AppError> {
-    let description = host
-        .pointer("/customHandler/description")
-        .ok_or_else(|| {
-            field_error(
-                path,
-                "customHandler.description",
-                "missing: this host runs custom handlers only",
-            )
-        })?;
+    let description = host.pointer("/customHandler/description").ok_or_else(|| {
+        field_error(
+            path,
+            "customHandler.description",
+            "missing: this host runs custom handlers only",
+        )
+    })?;
     let executable = match description.get("defaultExecutablePath") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
         _ => {
@@ -446,7 +445,11 @@ fn read_function(
                 ));
             }
             if direction != "in" {
-                return Err(field_error(path, &at("direction"), "a trigger must be \"in\""));
+                return Err(field_error(
+                    path,
+                    &at("direction"),
+                    "a trigger must be \"in\"",
+                ));
             }
             trigger = Some(read_trigger(
                 &kind,
@@ -469,7 +472,9 @@ fn read_function(
                     return Err(field_error(
                         path,
                         &at("type"),
-                        format!("output binding type {other:?} is not supported (serviceBus, http)"),
+                        format!(
+                            "output binding type {other:?} is not supported (serviceBus, http)"
+                        ),
                     ))
                 }
             };
@@ -568,7 +573,7 @@ fn read_trigger(
             })?;
             Ok(Trigger::Timer {
                 name,
-                schedule,
+                schedule: Box::new(schedule),
                 run_on_startup: flag("runOnStartup")?,
             })
         }
@@ -755,7 +760,10 @@ mod tests {
             vec!["serve", "--region", "westeurope"]
         );
         assert_eq!(app.service_bus.max_concurrent_calls, 4);
-        assert_eq!(app.service_bus.max_auto_lock_renewal, Duration::from_secs(120));
+        assert_eq!(
+            app.service_bus.max_auto_lock_renewal,
+            Duration::from_secs(120)
+        );
         assert_eq!(app.function_timeout, Some(Duration::from_secs(600)));
         let names: Vec<_> = app.functions.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, vec!["assess-vm", "backup-sweep", "restore-webhook"]);
@@ -810,7 +818,10 @@ mod tests {
 
         // An unknown %SETTING% in the arguments names the setting and the field.
         let err = App::load(&root, &HashMap::new()).unwrap_err().to_string();
-        assert!(err.contains("customHandler.description.arguments[2]"), "{err}");
+        assert!(
+            err.contains("customHandler.description.arguments[2]"),
+            "{err}"
+        );
         assert!(err.contains("REGION"), "{err}");
 
         std::fs::write(
@@ -861,8 +872,14 @@ mod tests {
         std::fs::remove_dir_all(root).unwrap();
 
         assert_eq!(parse_timespan("00:00:30"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_timespan("1.02:00:00"), Some(Duration::from_secs(93_600)));
-        assert_eq!(parse_timespan("00:00:00.80"), Some(Duration::from_millis(800)));
+        assert_eq!(
+            parse_timespan("1.02:00:00"),
+            Some(Duration::from_secs(93_600))
+        );
+        assert_eq!(
+            parse_timespan("00:00:00.80"),
+            Some(Duration::from_millis(800))
+        );
         assert_eq!(parse_timespan("00:61:00"), None);
         assert_eq!(parse_timespan("ten"), None);
     }

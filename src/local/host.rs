@@ -94,7 +94,9 @@ impl HostConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Succeeded,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     /// The handler succeeded but the message's lock was lost first; it will be delivered again.
     LockLost,
 }
@@ -240,8 +242,7 @@ impl Host {
             app: config.app.clone(),
         });
 
-        let mut intake_tasks = Vec::new();
-        intake_tasks.push(tokio::spawn(forward_queue_events(shared.clone())));
+        let intake_tasks = vec![tokio::spawn(forward_queue_events(shared.clone()))];
         let supervisor = tokio::spawn(supervise(
             shared.clone(),
             config.target.clone(),
@@ -268,9 +269,10 @@ impl Host {
 
         for function in &shared.app.functions {
             match &function.trigger {
-                Trigger::ServiceBus { .. } => host.intake_tasks.push(tokio::spawn(
-                    dispatch_queue(shared.clone(), function.clone()),
-                )),
+                Trigger::ServiceBus { .. } => host.intake_tasks.push(tokio::spawn(dispatch_queue(
+                    shared.clone(),
+                    function.clone(),
+                ))),
                 Trigger::Timer { .. } => host
                     .intake_tasks
                     .push(tokio::spawn(run_timer(shared.clone(), function.clone()))),
@@ -524,7 +526,10 @@ async fn supervise(
 }
 
 /// Handler console output: stdout at info, stderr at warn (as the host logs custom handlers).
-fn forward_output(stream: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>, stderr: bool) {
+fn forward_output(
+    stream: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
+    stderr: bool,
+) {
     let Some(stream) = stream else { return };
     tokio::spawn(async move {
         let mut lines = tokio::io::BufReader::new(stream).lines();
@@ -725,7 +730,9 @@ async fn invoke(
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| format!("handler answered {status} with a body that is not JSON: {e}"))?;
     let Value::Object(mut object) = value else {
-        return Err(format!("handler answered {status} with JSON that is not an object"));
+        return Err(format!(
+            "handler answered {status} with JSON that is not an object"
+        ));
     };
     let outputs = match object.remove("Outputs") {
         None | Some(Value::Null) => Map::new(),
@@ -757,7 +764,10 @@ fn binding_value<'a>(response: &'a HandlerResponse, name: &str) -> Option<&'a Va
 }
 
 /// The messages a successful invocation sends: an array is several messages, anything else one.
-fn queue_outputs(function: &FunctionDef, response: &HandlerResponse) -> Vec<(String, OutgoingMessage)> {
+fn queue_outputs(
+    function: &FunctionDef,
+    response: &HandlerResponse,
+) -> Vec<(String, OutgoingMessage)> {
     let mut messages = Vec::new();
     for output in &function.outputs {
         let OutputBinding::ServiceBus {
@@ -983,7 +993,10 @@ pub fn match_route(template: &str, path: &str) -> Option<Map<String, Value>> {
             let name = inner.trim_end_matches('?');
             let name = name.split(':').next().unwrap_or(name);
             if catch_all {
-                params.insert(name.into(), Value::String(parts[i.min(parts.len())..].join("/")));
+                params.insert(
+                    name.into(),
+                    Value::String(parts[i.min(parts.len())..].join("/")),
+                );
                 return Some(params);
             }
             match parts.get(i) {
@@ -1063,7 +1076,11 @@ async fn front_door(
         return (StatusCode::UNAUTHORIZED, "a valid function key is required").into_response();
     }
     let Some(base) = wait_ready(&shared, Duration::from_secs(30)).await else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "the handler is not running").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the handler is not running",
+        )
+            .into_response();
     };
     let _in_flight = InFlight::new(&shared);
     let query: Map<String, Value> = uri
@@ -1173,7 +1190,12 @@ fn http_output(function: &FunctionDef, response: &HandlerResponse) -> Response {
     let Some(Value::Object(value)) = value else {
         return StatusCode::OK.into_response();
     };
-    let field = |names: &[&str]| names.iter().find_map(|n| value.get(*n)).filter(|v| !v.is_null());
+    let field = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| value.get(*n))
+            .filter(|v| !v.is_null())
+    };
     let status = match field(&["statusCode", "StatusCode", "status", "Status"]) {
         Some(Value::String(s)) => s.parse::<u16>().ok(),
         Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),

@@ -113,7 +113,9 @@ pub struct DeadLetteredMessage {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOutcome {
-    Enqueued { sequence_number: i64 },
+    Enqueued {
+        sequence_number: i64,
+    },
     /// A message with the same `MessageId` was sent within the duplicate detection window; dropped.
     Duplicate,
 }
@@ -706,7 +708,8 @@ fn insert_all(
     let mut outcomes = Vec::with_capacity(messages.len());
     let mut enqueued = Vec::new();
     for (queue, message) in messages {
-        let settings = settings(tx, queue)?.ok_or_else(|| QueueError::QueueNotFound(queue.into()))?;
+        let settings =
+            settings(tx, queue)?.ok_or_else(|| QueueError::QueueNotFound(queue.into()))?;
         let message_id = message
             .properties
             .message_id
@@ -855,7 +858,12 @@ mod tests {
         queue.send("in", &with_id("x", "m")).unwrap();
         let got = queue.receive("in").unwrap().unwrap();
         queue
-            .dead_letter("in", &got.lock_token, "InvalidRequest", Some("vm is missing"))
+            .dead_letter(
+                "in",
+                &got.lock_token,
+                "InvalidRequest",
+                Some("vm is missing"),
+            )
             .unwrap();
         let dead = queue.dead_letters("in").unwrap();
         assert_eq!(dead[0].reason, "InvalidRequest");
@@ -904,7 +912,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(40));
         }
         assert!(queue.receive("in").unwrap().is_none());
-        assert_eq!(queue.dead_letters("in").unwrap()[0].reason, MAX_DELIVERY_COUNT_EXCEEDED);
+        assert_eq!(
+            queue.dead_letters("in").unwrap()[0].reason,
+            MAX_DELIVERY_COUNT_EXCEEDED
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -917,9 +928,16 @@ mod tests {
         message.properties.scheduled_enqueue_time_utc = Some(at);
         queue.send("in", &message).unwrap();
         assert!(queue.receive("in").unwrap().is_none());
-        assert_eq!(queue.active_count().unwrap(), 1, "scheduled counts as pending");
         assert_eq!(
-            queue.next_available_at("in").unwrap().map(|t| t.timestamp_millis()),
+            queue.active_count().unwrap(),
+            1,
+            "scheduled counts as pending"
+        );
+        assert_eq!(
+            queue
+                .next_available_at("in")
+                .unwrap()
+                .map(|t| t.timestamp_millis()),
             Some(at.timestamp_millis())
         );
         while Utc::now() < at {
@@ -1001,7 +1019,10 @@ mod tests {
         {
             let connection = Connection::open(dir.join(DATABASE_FILE)).unwrap();
             connection
-                .execute("UPDATE messages SET available_ms = 0 WHERE queue = 'in'", [])
+                .execute(
+                    "UPDATE messages SET available_ms = 0 WHERE queue = 'in'",
+                    [],
+                )
                 .unwrap();
         }
         {

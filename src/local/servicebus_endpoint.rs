@@ -73,7 +73,10 @@ pub fn router(queue: Queue, config: EndpointConfig) -> Router {
     };
     Router::new()
         .route("/{queue}/messages", post(send))
-        .route("/{queue}/messages/head", post(peek_lock).delete(receive_and_delete))
+        .route(
+            "/{queue}/messages/head",
+            post(peek_lock).delete(receive_and_delete),
+        )
         .route(
             "/{queue}/messages/{id}/{lock_token}",
             post(renew_lock).put(unlock).delete(complete),
@@ -201,7 +204,9 @@ pub fn authorize(
     }
     let token = header
         .strip_prefix("SharedAccessSignature ")
-        .ok_or(AuthError::Malformed("expected SharedAccessSignature or Bearer"))?;
+        .ok_or(AuthError::Malformed(
+            "expected SharedAccessSignature or Bearer",
+        ))?;
     // The signature covers the `sr` value exactly as sent (still URL-encoded).
     let raw_sr = token
         .split('&')
@@ -248,7 +253,8 @@ fn resource_covers(resource: &str, path: &str) -> bool {
     scope.is_empty() || path == scope || path.starts_with(&format!("{scope}/"))
 }
 
-fn check_auth(state: &EndpointState, headers: &HeaderMap, uri: &Uri) -> Result<(), Response> {
+/// `Some(401 response)` when the request is not authorised.
+fn check_auth(state: &EndpointState, headers: &HeaderMap, uri: &Uri) -> Option<Response> {
     let authorization = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -258,7 +264,8 @@ fn check_auth(state: &EndpointState, headers: &HeaderMap, uri: &Uri) -> Result<(
         uri.path(),
         Utc::now().timestamp(),
     )
-    .map_err(|e| error(StatusCode::UNAUTHORIZED, e))
+    .err()
+    .map(|e| error(StatusCode::UNAUTHORIZED, e))
 }
 
 /// Headers that are transport or protocol, never custom message properties.
@@ -340,7 +347,7 @@ async fn send(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = check_auth(&state, &headers, &uri) {
+    if let Some(denied) = check_auth(&state, &headers, &uri) {
         return denied;
     }
     let properties = match properties_from_headers(&headers) {
@@ -391,7 +398,7 @@ async fn receive(
     headers: HeaderMap,
     lock: bool,
 ) -> Response {
-    if let Err(denied) = check_auth(&state, &headers, &uri) {
+    if let Some(denied) = check_auth(&state, &headers, &uri) {
         return denied;
     }
     let timeout = query
@@ -506,7 +513,7 @@ async fn lock_operation(
     headers: HeaderMap,
     method: Method,
 ) -> Response {
-    if let Err(denied) = check_auth(&state, &headers, &uri) {
+    if let Some(denied) = check_auth(&state, &headers, &uri) {
         return denied;
     }
     let result = match method {
@@ -582,7 +589,10 @@ mod tests {
         let url = "https://local.servicebus.windows.net/vm-events/messages";
         let now = 1_800_000_000;
         let good = sas_token(url, "RootManageSharedAccessKey", "s3cret", now + 60);
-        assert_eq!(authorize(&c, Some(&good), "/vm-events/messages", now), Ok(()));
+        assert_eq!(
+            authorize(&c, Some(&good), "/vm-events/messages", now),
+            Ok(())
+        );
         assert_eq!(
             authorize(&c, Some(&good), "/other/messages", now),
             Err(AuthError::WrongResource)
@@ -608,7 +618,10 @@ mod tests {
             "s3cret",
             now + 60,
         );
-        assert_eq!(authorize(&c, Some(&namespace), "/q/messages/head", now), Ok(()));
+        assert_eq!(
+            authorize(&c, Some(&namespace), "/q/messages/head", now),
+            Ok(())
+        );
         // A token for a peek-lock URL with a query covers its path.
         let peek = sas_token(
             "https://local.servicebus.windows.net/q/messages/head?timeout=5",
