@@ -176,6 +176,10 @@ fn every_event_has_a_sample_that_satisfies_its_schema() {
         let mut without_data = sample.clone();
         without_data.as_object_mut().unwrap().remove("data");
         assert!(!validator.is_valid(&without_data), "{}", entry.event_type);
+        // ... and one of another type.
+        let mut other_type = sample.clone();
+        other_type["type"] = json!("vmbackup.something.else");
+        assert!(!validator.is_valid(&other_type), "{}", entry.event_type);
     }
 }
 

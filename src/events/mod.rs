@@ -36,8 +36,25 @@ fn entry<T: EventData>() -> CatalogEntry {
     CatalogEntry {
         event_type: T::TYPE,
         queue: T::QUEUE,
-        schema: || schemars::schema_for!(CloudEvent<T>),
+        schema: schema_of::<T>,
     }
+}
+
+/// The envelope's schema with this event's `type` and `specversion` pinned, titled by the type.
+fn schema_of<T: EventData>() -> schemars::Schema {
+    let mut schema = schemars::schema_for!(CloudEvent<T>);
+    schema.insert("title".into(), Value::String(T::TYPE.into()));
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        properties.insert(
+            "type".into(),
+            serde_json::json!({ "const": T::TYPE, "description": "The CloudEvents type of this event." }),
+        );
+        properties.insert(
+            "specversion".into(),
+            serde_json::json!({ "const": "1.0", "description": "CloudEvents 1.0." }),
+        );
+    }
+    schema
 }
 
 /// Every event of the choreography.
