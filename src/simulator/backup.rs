@@ -635,11 +635,7 @@ fn put_protected_item(
     state.jobs.push(Job {
         id: job_id.clone(),
         vault_id: vault.id(),
-        operation: if stopping {
-            JobOperation::ConfigureBackup
-        } else {
-            JobOperation::ConfigureBackup
-        },
+        operation: JobOperation::ConfigureBackup,
         vm_id: vm.id(),
         vm_name: vm.name.clone(),
         start: req.now,

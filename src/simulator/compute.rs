@@ -896,7 +896,7 @@ fn put_extension(
         .ok_or_else(|| vm_not_found(rg, vm_name))?;
     vm_mut
         .extensions
-        .retain(|e| !same(&e.name, ext_name) && !(extension.is_ade() && e.is_ade()));
+        .retain(|e| !(same(&e.name, ext_name) || (extension.is_ade() && e.is_ade())));
     vm_mut.extensions.push(extension.clone());
     let vm_now = vm_mut.clone();
     if !extension.is_ade() {

@@ -142,6 +142,7 @@ fn decode_skip_token(token: &str) -> Option<usize> {
     value.get("$skip")?.as_u64().map(|n| n as usize)
 }
 
+#[allow(clippy::too_many_arguments)] // one argument per column of a Resource Graph row
 fn arg_row(
     id: String,
     name: &str,
