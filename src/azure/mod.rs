@@ -6,10 +6,17 @@
 //! clients on top carry only the fields the workflow uses.
 
 pub mod auth;
+pub mod backup;
+pub mod blob;
+pub mod compute;
 pub mod config;
+pub mod deployments;
 pub mod error;
+pub mod graph;
+pub mod keyvault;
 pub mod pipeline;
 pub mod retry;
+pub mod servicebus;
 pub mod throttle;
 
 pub use auth::{BearerToken, IdentityTokenSource, TokenSource};

@@ -619,6 +619,18 @@ impl ArmClient {
     }
 }
 
+/// Decodes the resource an operation produced; `what` names it in the error.
+pub(crate) fn decode_resource<T: DeserializeOwned>(value: Option<Value>, what: &str) -> Result<T, AzureError> {
+    let value = value.ok_or_else(|| AzureError::Decode {
+        url: what.to_string(),
+        message: "the operation returned no resource".into(),
+    })?;
+    serde_json::from_value(value).map_err(|e| AzureError::Decode {
+        url: what.to_string(),
+        message: e.to_string(),
+    })
+}
+
 fn header_url(response: &ApiResponse, name: &str) -> Result<Option<Url>, AzureError> {
     let Some(value) = response.header(name) else {
         return Ok(None);
