@@ -288,6 +288,17 @@ pub struct IaasVmRestoreRequest {
     pub subnet_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zones: Option<Vec<String>>,
+    /// The identity the restore uses to write to the target (system-assigned or a user-assigned id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_info: Option<IdentityInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityInfo {
+    pub is_system_assigned_identity: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed_identity_resource_id: Option<String>,
 }
 
 impl IaasVmRestoreRequest {
@@ -315,6 +326,7 @@ impl IaasVmRestoreRequest {
             virtual_network_id: None,
             subnet_id: None,
             zones: None,
+            identity_info: None,
         }
     }
 
@@ -378,6 +390,27 @@ fn vm_rg_and_name(vm_id: &str) -> Result<(String, String), AzureError> {
             message: format!("{vm_id:?} is not a virtual machine resource id"),
         }),
     }
+}
+
+/// Body of the protected-item PUT that enables protection of an ARM VM.
+pub fn enable_protection_body(vm_id: &str, policy_id: &str) -> Value {
+    json!({
+        "properties": {
+            "protectedItemType": "Microsoft.Compute/virtualMachines",
+            "sourceResourceId": vm_id,
+            "policyId": policy_id,
+        }
+    })
+}
+
+/// Body of an on-demand backup; `expiry` sets how long the recovery point is kept.
+pub fn backup_request_body(expiry: Option<DateTime<Utc>>) -> Value {
+    let mut properties = json!({ "objectType": "IaasVMBackupRequest" });
+    if let Some(expiry) = expiry {
+        properties["recoveryPointExpiryTimeInUTC"] =
+            json!(expiry.to_rfc3339_opts(SecondsFormat::Secs, true));
+    }
+    json!({ "properties": properties })
 }
 
 #[derive(Debug, Clone)]
@@ -450,13 +483,7 @@ impl BackupClient {
         vm_id: &str,
         policy_id: &str,
     ) -> Result<ProtectedItem, AzureError> {
-        let body = json!({
-            "properties": {
-                "protectedItemType": "Microsoft.Compute/virtualMachines",
-                "sourceResourceId": vm_id,
-                "policyId": policy_id,
-            }
-        });
+        let body = enable_protection_body(vm_id, policy_id);
         let outcome = self
             .arm
             .send_lro(ApiRequest::arm(Method::PUT, self.url(&item.path())?).json(body))
@@ -500,15 +527,10 @@ impl BackupClient {
         item: &ProtectedItemRef,
         expiry: Option<DateTime<Utc>>,
     ) -> Result<Option<String>, AzureError> {
-        let mut properties = json!({ "objectType": "IaasVMBackupRequest" });
-        if let Some(expiry) = expiry {
-            properties["recoveryPointExpiryTimeInUTC"] =
-                json!(expiry.to_rfc3339_opts(SecondsFormat::Secs, true));
-        }
         let url = self.url(&format!("{}/backup", item.path()))?;
         let outcome = self
             .arm
-            .send_lro(ApiRequest::arm(Method::POST, url).json(json!({ "properties": properties })))
+            .send_lro(ApiRequest::arm(Method::POST, url).json(backup_request_body(expiry)))
             .await?;
         Ok(outcome.job_id())
     }

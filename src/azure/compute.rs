@@ -340,6 +340,14 @@ pub enum TagsOperation {
     Delete,
 }
 
+/// Body of a `Microsoft.Resources/tags/default` PATCH.
+pub fn tags_patch_body(operation: TagsOperation, tags: &BTreeMap<String, String>) -> Value {
+    json!({
+        "operation": format!("{operation:?}"),
+        "properties": { "tags": tags },
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct ComputeClient {
     arm: ArmClient,
@@ -428,10 +436,7 @@ impl ComputeClient {
             &format!("{scope}/providers/Microsoft.Resources/tags/default"),
             TAGS_API_VERSION,
         )?;
-        let body = json!({
-            "operation": format!("{operation:?}"),
-            "properties": { "tags": tags },
-        });
+        let body = tags_patch_body(operation, tags);
         let outcome = self
             .arm
             .send_lro(ApiRequest::arm(Method::PATCH, url.clone()).json(body))
