@@ -80,7 +80,11 @@ fn reply(status: u16, body: Value) -> Reply {
     Reply {
         status,
         headers: vec![],
-        body: if body.is_null() { String::new() } else { body.to_string() },
+        body: if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        },
     }
 }
 
@@ -148,13 +152,17 @@ async fn mock(timer: Arc<VirtualTimer>, make: impl FnOnce(Url) -> Handler) -> Mo
 }
 
 fn client(base: &Url, timer: Arc<VirtualTimer>) -> ArmClient {
-    ArmClient::builder(AzureConfig::for_endpoint(base.clone()), Arc::new(FixedTokens))
-        .timer(timer)
-        .build()
-        .unwrap()
+    ArmClient::builder(
+        AzureConfig::for_endpoint(base.clone()),
+        Arc::new(FixedTokens),
+    )
+    .timer(timer)
+    .build()
+    .unwrap()
 }
 
-const VM: &str = "/subscriptions/sub1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1";
+const VM: &str =
+    "/subscriptions/sub1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1";
 
 #[tokio::test]
 async fn a_429_storm_is_ridden_out_and_no_request_is_sent_before_retry_after() {
@@ -162,8 +170,11 @@ async fn a_429_storm_is_ridden_out_and_no_request_is_sent_before_retry_after() {
     let server = mock(timer.clone(), |_| {
         Arc::new(|_, i| {
             if i < 4 {
-                reply(429, json!({"error":{"code":"TooManyRequests","message":"slow down"}}))
-                    .header("retry-after", "7")
+                reply(
+                    429,
+                    json!({"error":{"code":"TooManyRequests","message":"slow down"}}),
+                )
+                .header("retry-after", "7")
             } else {
                 reply(200, json!({"name":"vm1","properties":{}}))
             }
@@ -171,7 +182,10 @@ async fn a_429_storm_is_ridden_out_and_no_request_is_sent_before_retry_after() {
     })
     .await;
     let arm = client(&server.base, timer.clone());
-    let vm: Value = arm.get_json(arm.arm_url(VM, "2025-11-01").unwrap()).await.unwrap();
+    let vm: Value = arm
+        .get_json(arm.arm_url(VM, "2025-11-01").unwrap())
+        .await
+        .unwrap();
     assert_eq!(vm["name"], "vm1");
     let requests = server.requests();
     assert_eq!(requests.len(), 5);
@@ -229,7 +243,10 @@ async fn a_5xx_is_retried_and_a_400_is_not() {
         panic!("expected an ARM error, got {err:?}")
     };
     assert_eq!(arm_error.request_id.as_deref(), Some("req-400"));
-    assert_eq!(arm_error.error.target.as_deref(), Some("properties.policyId"));
+    assert_eq!(
+        arm_error.error.target.as_deref(),
+        Some("properties.policyId")
+    );
 }
 
 #[tokio::test]
@@ -251,7 +268,11 @@ async fn connection_failures_are_retried_a_bounded_number_of_times() {
         .await
         .unwrap_err();
     assert!(matches!(err, AzureError::Transport { .. }), "{err:?}");
-    assert_eq!(timer.sleeps.lock().unwrap().len(), 2, "3 attempts, 2 backoffs");
+    assert_eq!(
+        timer.sleeps.lock().unwrap().len(),
+        2,
+        "3 attempts, 2 backoffs"
+    );
 }
 
 #[tokio::test]
@@ -289,8 +310,14 @@ async fn put_follows_azure_async_operation_as_given_then_reads_the_resource() {
         settings: json!({"EncryptionOperation":"EnableEncryption"}),
         protected_settings: None,
     };
-    let ext = compute.put_extension(VM, "AzureDiskEncryptionForLinux", &params).await.unwrap();
-    assert_eq!(ext.properties.provisioning_state.as_deref(), Some("Succeeded"));
+    let ext = compute
+        .put_extension(VM, "AzureDiskEncryptionForLinux", &params)
+        .await
+        .unwrap();
+    assert_eq!(
+        ext.properties.provisioning_state.as_deref(),
+        Some("Succeeded")
+    );
     let requests = server.requests();
     let methods: Vec<_> = requests.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(methods, ["PUT", "GET", "GET", "GET", "GET"]);
@@ -302,7 +329,9 @@ async fn put_follows_azure_async_operation_as_given_then_reads_the_resource() {
     assert!(requests[1].at - requests[0].at >= chrono::Duration::seconds(3));
     let put: Value = serde_json::from_slice(&requests[0].body).unwrap();
     assert_eq!(put["properties"]["type"], "AzureDiskEncryptionForLinux");
-    assert!(requests[4].uri.contains("/extensions/AzureDiskEncryptionForLinux?api-version="));
+    assert!(requests[4]
+        .uri
+        .contains("/extensions/AzureDiskEncryptionForLinux?api-version="));
 }
 
 #[tokio::test]
@@ -344,8 +373,13 @@ async fn backup_trigger_returns_the_job_id_from_the_operation_status() {
     let requests = server.requests();
     let body: Value = serde_json::from_slice(&requests[0].body).unwrap();
     assert_eq!(body["properties"]["objectType"], "IaasVMBackupRequest");
-    assert_eq!(body["properties"]["recoveryPointExpiryTimeInUTC"], "2026-12-28T00:00:00Z");
-    assert!(requests[0].uri.contains("protectedItems/VM;iaasvmcontainerv2;rg;vm1/backup?api-version=2026-02-01"));
+    assert_eq!(
+        body["properties"]["recoveryPointExpiryTimeInUTC"],
+        "2026-12-28T00:00:00Z"
+    );
+    assert!(requests[0]
+        .uri
+        .contains("protectedItems/VM;iaasvmcontainerv2;rg;vm1/backup?api-version=2026-02-01"));
     assert!(requests[1].at - requests[0].at >= chrono::Duration::seconds(60));
     assert!(requests.last().unwrap().uri.contains("operationResults"));
 }
@@ -380,14 +414,30 @@ async fn location_polling_ends_on_204_and_failed_operations_are_typed() {
     let arm = client(&server.base, timer.clone());
     let backup = BackupClient::new(arm.clone());
     backup
-        .refresh_containers("/subscriptions/sub1/resourceGroups/rg/providers/Microsoft.RecoveryServices/vaults/v")
+        .refresh_containers(
+            "/subscriptions/sub1/resourceGroups/rg/providers/Microsoft.RecoveryServices/vaults/v",
+        )
         .await
         .unwrap();
     assert_eq!(server.requests().len(), 3);
-    assert!(server.requests()[0].uri.contains("%24filter=backupManagementType") || server.requests()[0].uri.contains("$filter=backupManagementType"));
+    assert!(
+        server.requests()[0]
+            .uri
+            .contains("%24filter=backupManagementType")
+            || server.requests()[0]
+                .uri
+                .contains("$filter=backupManagementType")
+    );
 
-    let item = ProtectedItemRef::for_vm("/subscriptions/sub1/resourceGroups/rg/providers/Microsoft.RecoveryServices/vaults/v", VM).unwrap();
-    let err = backup.enable_protection(&item, VM, "/policy").await.unwrap_err();
+    let item = ProtectedItemRef::for_vm(
+        "/subscriptions/sub1/resourceGroups/rg/providers/Microsoft.RecoveryServices/vaults/v",
+        VM,
+    )
+    .unwrap();
+    let err = backup
+        .enable_protection(&item, VM, "/policy")
+        .await
+        .unwrap_err();
     assert!(matches!(err, AzureError::OperationFailed { .. }), "{err:?}");
     assert!(err.has_code("UserErrorKeyvaultPermissionsNotConfigured"));
 }
@@ -407,9 +457,16 @@ async fn provisioning_state_is_polled_on_the_resource_until_terminal() {
         })
     })
     .await;
-    let deployments = vmbackup::azure::deployments::DeploymentsClient::new(client(&server.base, timer.clone()));
+    let deployments =
+        vmbackup::azure::deployments::DeploymentsClient::new(client(&server.base, timer.clone()));
     let deployment = deployments
-        .deploy("sub1", "rg", "restore-vm1", &vmbackup::azure::deployments::TemplateSource::Inline(json!({"resources":[]})), json!({}))
+        .deploy(
+            "sub1",
+            "rg",
+            "restore-vm1",
+            &vmbackup::azure::deployments::TemplateSource::Inline(json!({"resources":[]})),
+            json!({}),
+        )
         .await
         .unwrap();
     assert_eq!(deployment.properties.output_resources[0].id, "/vm");
@@ -470,13 +527,18 @@ async fn resource_graph_pages_with_skip_token() {
     .await;
     let graph = ResourceGraphClient::new(client(&server.base, timer.clone()));
     let rows = graph
-        .query("Resources | where type =~ 'microsoft.compute/virtualmachines'", &["sub1".to_string()])
+        .query(
+            "Resources | where type =~ 'microsoft.compute/virtualmachines'",
+            &["sub1".to_string()],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 2300);
     let requests = server.requests();
     assert_eq!(requests.len(), 3);
-    assert!(requests[0].uri.starts_with("/providers/Microsoft.ResourceGraph/resources?api-version=2024-04-01"));
+    assert!(requests[0]
+        .uri
+        .starts_with("/providers/Microsoft.ResourceGraph/resources?api-version=2024-04-01"));
     let first: Value = serde_json::from_slice(&requests[0].body).unwrap();
     assert_eq!(first["options"]["$top"], 1000);
     assert_eq!(first["subscriptions"][0], "sub1");
@@ -495,30 +557,59 @@ async fn the_client_throttles_itself_before_arm_buckets_run_dry() {
     let server_buckets = buckets.clone();
     let server = mock(timer.clone(), move |_| {
         Arc::new(move |r, _| {
-            let (class, capacity, rate) = if r.method == "GET" { ("reads", 250.0, 25.0) } else { ("writes", 200.0, 10.0) };
+            let (class, capacity, rate) = if r.method == "GET" {
+                ("reads", 250.0, 25.0)
+            } else {
+                ("writes", 200.0, 10.0)
+            };
             let mut buckets = server_buckets.lock().unwrap();
-            let bucket = buckets.entry(class).or_insert(ServerBucket { tokens: capacity, at: r.at });
+            let bucket = buckets.entry(class).or_insert(ServerBucket {
+                tokens: capacity,
+                at: r.at,
+            });
             let elapsed = (r.at - bucket.at).num_microseconds().unwrap() as f64 / 1e6;
             bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
             bucket.at = r.at;
             if bucket.tokens < 1.0 - 1e-9 {
-                return reply(429, json!({"error":{"code":"SubscriptionRequestsThrottled","message":"throttled"}}))
-                    .header("retry-after", "1");
+                return reply(
+                    429,
+                    json!({"error":{"code":"SubscriptionRequestsThrottled","message":"throttled"}}),
+                )
+                .header("retry-after", "1");
             }
             bucket.tokens -= 1.0;
-            reply(200, json!({"ok": true}))
-                .header(if class == "reads" { "x-ms-ratelimit-remaining-subscription-reads" } else { "x-ms-ratelimit-remaining-subscription-writes" }, format!("{}", bucket.tokens.floor()))
+            reply(200, json!({"ok": true})).header(
+                if class == "reads" {
+                    "x-ms-ratelimit-remaining-subscription-reads"
+                } else {
+                    "x-ms-ratelimit-remaining-subscription-writes"
+                },
+                format!("{}", bucket.tokens.floor()),
+            )
         })
     })
     .await;
     let arm = client(&server.base, timer.clone());
     for i in 0..3000 {
-        let method = if i % 3 == 2 { reqwest::Method::PUT } else { reqwest::Method::GET };
-        let url = arm.arm_url(&format!("/subscriptions/sub1/resourceGroups/rg/tags/{i}"), "1").unwrap();
+        let method = if i % 3 == 2 {
+            reqwest::Method::PUT
+        } else {
+            reqwest::Method::GET
+        };
+        let url = arm
+            .arm_url(
+                &format!("/subscriptions/sub1/resourceGroups/rg/tags/{i}"),
+                "1",
+            )
+            .unwrap();
         arm.send(ApiRequest::arm(method, url)).await.unwrap();
     }
     let requests = server.requests();
-    assert_eq!(requests.len(), 3000, "every request succeeded the first time: no 429");
+    assert_eq!(
+        requests.len(),
+        3000,
+        "every request succeeded the first time: no 429"
+    );
     // 1,000 writes at 200 + 10/s need at least 80 s of (virtual) time.
     let elapsed = requests.last().unwrap().at - requests[0].at;
     assert!(elapsed >= chrono::Duration::seconds(80), "{elapsed:?}");
@@ -539,17 +630,27 @@ async fn key_vault_data_plane_at_the_vaults_own_uri() {
         })
     })
     .await;
-    let kv = KeyVaultClient::new(client(&Url::parse("http://127.0.0.1:9/").unwrap(), timer.clone()));
+    let kv = KeyVaultClient::new(client(
+        &Url::parse("http://127.0.0.1:9/").unwrap(),
+        timer.clone(),
+    ));
     let vault_uri = server.base.as_str();
-    let secret = kv.get_secret_properties(vault_uri, "bek", Some("1")).await.unwrap();
+    let secret = kv
+        .get_secret_properties(vault_uri, "bek", Some("1"))
+        .await
+        .unwrap();
     assert_eq!(secret.content_type.as_deref(), Some("Wrapped BEK"));
     assert_eq!(secret.tags["MachineName"], "vm1");
     let blob = kv.backup_key(vault_uri, "kek").await.unwrap();
     let key = kv.restore_key(vault_uri, &blob).await.unwrap();
     assert_eq!(key.key.kty.as_deref(), Some("RSA"));
     let requests = server.requests();
-    assert!(requests[0].uri.starts_with("/secrets/bek/1?api-version=7.6"));
-    assert!(requests[1].uri.starts_with("/keys/kek/backup?api-version=7.6"));
+    assert!(requests[0]
+        .uri
+        .starts_with("/secrets/bek/1?api-version=7.6"));
+    assert!(requests[1]
+        .uri
+        .starts_with("/keys/kek/backup?api-version=7.6"));
     let restore: Value = serde_json::from_slice(&requests[2].body).unwrap();
     assert_eq!(restore["value"], "KEY-BACKUP-BLOB");
 }
@@ -565,18 +666,27 @@ async fn managed_identity_token_comes_from_an_app_service_endpoint_on_loopback()
         })
     })
     .await;
-    let arm_mock = mock(timer.clone(), |_| Arc::new(|_, _| reply(200, json!({"name":"vm1"})))).await;
+    let arm_mock = mock(timer.clone(), |_| {
+        Arc::new(|_, _| reply(200, json!({"name":"vm1"})))
+    })
+    .await;
     std::env::set_var("IDENTITY_ENDPOINT", format!("{}msi/token", identity.base));
     std::env::set_var("IDENTITY_HEADER", "local-identity-header");
     let config = AzureConfig::for_endpoint(arm_mock.base.clone());
     let tokens = IdentityTokenSource::from_config(&config).unwrap();
-    let arm = ArmClient::builder(config, Arc::new(tokens)).timer(timer).build().unwrap();
+    let arm = ArmClient::builder(config, Arc::new(tokens))
+        .timer(timer)
+        .build()
+        .unwrap();
     for _ in 0..2 {
         let _: Value = arm.get_json(arm.arm_url(VM, "1").unwrap()).await.unwrap();
     }
     let token_requests = identity.requests();
     assert_eq!(token_requests.len(), 1, "the token is cached");
-    assert_eq!(token_requests[0].headers["x-identity-header"], "local-identity-header");
+    assert_eq!(
+        token_requests[0].headers["x-identity-header"],
+        "local-identity-header"
+    );
     assert!(token_requests[0].uri.contains("resource=https"));
     assert!(arm_mock
         .requests()
@@ -604,14 +714,25 @@ async fn service_bus_sends_with_broker_properties_by_sas_and_by_entra_token() {
     let server = servicebus_mock(timer.clone()).await;
     let sas = ServiceBusConfig {
         namespace: "vmb-sb".into(),
-        sas: Some(SasKey { policy_name: "send".into(), key: "SAS-KEY-9d8e".into() }),
+        sas: Some(SasKey {
+            policy_name: "send".into(),
+            key: "SAS-KEY-9d8e".into(),
+        }),
         endpoint_override: Some(server.base.clone()),
     };
-    let sender = ServiceBusSender::new(&sas, Arc::new(FixedTokens), "https://servicebus.azure.net/.default");
+    let sender = ServiceBusSender::new(
+        &sas,
+        Arc::new(FixedTokens),
+        "https://servicebus.azure.net/.default",
+    );
     sender.send("jobs", &message()).await.unwrap();
 
     let entra = ServiceBusConfig { sas: None, ..sas };
-    let sender = ServiceBusSender::new(&entra, Arc::new(FixedTokens), "https://servicebus.azure.net/.default");
+    let sender = ServiceBusSender::new(
+        &entra,
+        Arc::new(FixedTokens),
+        "https://servicebus.azure.net/.default",
+    );
     sender.send("jobs", &message()).await.unwrap();
 
     let requests = server.requests();
@@ -619,11 +740,15 @@ async fn service_bus_sends_with_broker_properties_by_sas_and_by_entra_token() {
     for r in &requests {
         assert_eq!(r.method, "POST");
         assert_eq!(r.uri, "/jobs/messages");
-        let broker: Value = serde_json::from_str(r.headers["brokerproperties"].to_str().unwrap()).unwrap();
+        let broker: Value =
+            serde_json::from_str(r.headers["brokerproperties"].to_str().unwrap()).unwrap();
         assert_eq!(broker["MessageId"], "e1");
         assert_eq!(broker["CorrelationId"], "run-1");
         assert_eq!(broker["Label"], "vmbackup.job.started");
-        assert_eq!(broker["ScheduledEnqueueTimeUtc"], "Sat, 28 Nov 2026 10:56:08 +0000");
+        assert_eq!(
+            broker["ScheduledEnqueueTimeUtc"],
+            "Sat, 28 Nov 2026 10:56:08 +0000"
+        );
         let body: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body["type"], "vmbackup.job.started");
     }
@@ -631,7 +756,10 @@ async fn service_bus_sends_with_broker_properties_by_sas_and_by_entra_token() {
     // Signed over the real namespace URL, not the override.
     assert!(sas_auth.starts_with("SharedAccessSignature sr=https%3A%2F%2Fvmb-sb.servicebus.windows.net%2Fjobs%2Fmessages&sig="), "{sas_auth}");
     assert!(sas_auth.ends_with("&skn=send"));
-    assert_eq!(requests[1].headers["authorization"], format!("Bearer {TOKEN}").as_str());
+    assert_eq!(
+        requests[1].headers["authorization"],
+        format!("Bearer {TOKEN}").as_str()
+    );
 }
 
 /// Collects everything written by the tracing subscriber.
@@ -663,13 +791,22 @@ async fn no_token_sas_key_or_secret_value_reaches_the_logs_at_any_level() {
     let server = mock(timer.clone(), |_| {
         Arc::new(|r, i| {
             if r.uri.starts_with("/secrets/") {
-                reply(200, json!({"value":"BEK-SECRET-VALUE-31f","contentType":"Wrapped BEK"}))
+                reply(
+                    200,
+                    json!({"value":"BEK-SECRET-VALUE-31f","contentType":"Wrapped BEK"}),
+                )
             } else if r.uri.contains("/backup") {
                 reply(200, json!({"value":"KEY-BACKUP-BLOB-77a"}))
             } else if r.uri.starts_with("/staging/") {
-                reply(200, json!({"OsDiskKeyAndSecretDetails":{"SecretData":"WRAPPED-BEK-DATA-0c1"}}))
+                reply(
+                    200,
+                    json!({"OsDiskKeyAndSecretDetails":{"SecretData":"WRAPPED-BEK-DATA-0c1"}}),
+                )
             } else if i % 2 == 0 {
-                reply(500, json!({"error":{"code":"InternalError","message":"retry me"}}))
+                reply(
+                    500,
+                    json!({"error":{"code":"InternalError","message":"retry me"}}),
+                )
             } else {
                 reply(201, Value::Null)
             }
@@ -679,26 +816,41 @@ async fn no_token_sas_key_or_secret_value_reaches_the_logs_at_any_level() {
     let arm = client(&server.base, timer.clone());
     let _: Result<Value, _> = arm.get_json(arm.arm_url(VM, "1").unwrap()).await;
     let kv = KeyVaultClient::new(arm.clone());
-    let props = kv.get_secret_properties(server.base.as_str(), "bek", None).await.unwrap();
+    let props = kv
+        .get_secret_properties(server.base.as_str(), "bek", None)
+        .await
+        .unwrap();
     tracing::info!(?props, "secret metadata");
     let blob = kv.backup_secret(server.base.as_str(), "bek").await.unwrap();
     tracing::info!(?blob, "backup taken");
     let blobs = BlobClient::new(arm.clone());
     let info = blobs
-        .read_json(&format!("{}staging/config/encryption.json?sv=2024&sig=SAS-SIGNATURE-e5d", server.base))
+        .read_json(&format!(
+            "{}staging/config/encryption.json?sv=2024&sig=SAS-SIGNATURE-e5d",
+            server.base
+        ))
         .await
         .unwrap();
     assert!(info.to_string().contains("WRAPPED-BEK-DATA-0c1"));
     let sb = ServiceBusConfig {
         namespace: "vmb-sb".into(),
-        sas: Some(SasKey { policy_name: "send".into(), key: "SAS-KEY-4b2a".into() }),
+        sas: Some(SasKey {
+            policy_name: "send".into(),
+            key: "SAS-KEY-4b2a".into(),
+        }),
         endpoint_override: Some(server.base.clone()),
     };
-    let _ = ServiceBusSender::new(&sb, Arc::new(FixedTokens), "aud").send("q", &message()).await;
-    tracing::debug!(config = ?sb, "service bus config");
-    let _ = ServiceBusSender::new(&ServiceBusConfig { sas: None, ..sb }, Arc::new(FixedTokens), "aud")
+    let _ = ServiceBusSender::new(&sb, Arc::new(FixedTokens), "aud")
         .send("q", &message())
         .await;
+    tracing::debug!(config = ?sb, "service bus config");
+    let _ = ServiceBusSender::new(
+        &ServiceBusConfig { sas: None, ..sb },
+        Arc::new(FixedTokens),
+        "aud",
+    )
+    .send("q", &message())
+    .await;
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("azure_request"), "the capture works: {logs}");

@@ -86,8 +86,9 @@ impl IdentityTokenSource {
                 let mut cloud = azure_core::cloud::CustomConfiguration::default();
                 cloud.authority_host = config.authority_host.as_str().trim_end_matches('/').into();
                 let mut options = azure_identity::ClientSecretCredentialOptions::default();
-                options.client_options.cloud =
-                    Some(Arc::new(azure_core::cloud::CloudConfiguration::Custom(cloud)));
+                options.client_options.cloud = Some(Arc::new(
+                    azure_core::cloud::CloudConfiguration::Custom(cloud),
+                ));
                 azure_identity::ClientSecretCredential::new(
                     tenant_id,
                     client_id.clone(),

@@ -137,7 +137,10 @@ pub struct BackupJobProperties {
 
 impl BackupJobProperties {
     pub fn is_finished(&self) -> bool {
-        !matches!(self.status.as_deref(), None | Some("InProgress") | Some("Cancelling"))
+        !matches!(
+            self.status.as_deref(),
+            None | Some("InProgress") | Some("Cancelling")
+        )
     }
 }
 
@@ -436,19 +439,30 @@ impl BackupClient {
     }
 
     /// All Recovery Services vaults of a subscription.
-    pub async fn list_vaults(&self, subscription_id: &str) -> Result<Vec<RecoveryServicesVault>, AzureError> {
+    pub async fn list_vaults(
+        &self,
+        subscription_id: &str,
+    ) -> Result<Vec<RecoveryServicesVault>, AzureError> {
         let url = self.arm.arm_url(
-            &format!("/subscriptions/{subscription_id}/providers/Microsoft.RecoveryServices/vaults"),
+            &format!(
+                "/subscriptions/{subscription_id}/providers/Microsoft.RecoveryServices/vaults"
+            ),
             VAULTS_API_VERSION,
         )?;
         self.arm.list_all(ApiRequest::arm(Method::GET, url)).await
     }
 
     pub async fn get_vault(&self, vault_id: &str) -> Result<RecoveryServicesVault, AzureError> {
-        self.arm.get_json(self.arm.arm_url(vault_id, VAULTS_API_VERSION)?).await
+        self.arm
+            .get_json(self.arm.arm_url(vault_id, VAULTS_API_VERSION)?)
+            .await
     }
 
-    pub async fn get_policy(&self, vault_id: &str, policy_name: &str) -> Result<BackupPolicy, AzureError> {
+    pub async fn get_policy(
+        &self,
+        vault_id: &str,
+        policy_name: &str,
+    ) -> Result<BackupPolicy, AzureError> {
         self.arm
             .get_json(self.url(&format!("{vault_id}/backupPolicies/{policy_name}"))?)
             .await
@@ -466,13 +480,21 @@ impl BackupClient {
             &format!("{vault_id}/backupFabrics/{AZURE_FABRIC}/refreshContainers"),
             Some(IAAS_VM_FILTER),
         )?;
-        self.arm.send_lro(ApiRequest::arm(Method::POST, url)).await?;
+        self.arm
+            .send_lro(ApiRequest::arm(Method::POST, url))
+            .await?;
         Ok(())
     }
 
     /// VMs the vault can protect (discovered, not yet protected).
-    pub async fn list_protectable_items(&self, vault_id: &str) -> Result<Vec<ProtectableItem>, AzureError> {
-        let url = self.filtered(&format!("{vault_id}/backupProtectableItems"), Some(IAAS_VM_FILTER))?;
+    pub async fn list_protectable_items(
+        &self,
+        vault_id: &str,
+    ) -> Result<Vec<ProtectableItem>, AzureError> {
+        let url = self.filtered(
+            &format!("{vault_id}/backupProtectableItems"),
+            Some(IAAS_VM_FILTER),
+        )?;
         self.arm.list_all(ApiRequest::arm(Method::GET, url)).await
     }
 
@@ -491,12 +513,18 @@ impl BackupClient {
         decode_resource(outcome.resource, &item.path())
     }
 
-    pub async fn get_protected_item(&self, item: &ProtectedItemRef) -> Result<ProtectedItem, AzureError> {
+    pub async fn get_protected_item(
+        &self,
+        item: &ProtectedItemRef,
+    ) -> Result<ProtectedItem, AzureError> {
         self.arm.get_json(self.url(&item.path())?).await
     }
 
     /// The vault's protected IaaS VMs.
-    pub async fn list_protected_items(&self, vault_id: &str) -> Result<Vec<ProtectedItem>, AzureError> {
+    pub async fn list_protected_items(
+        &self,
+        vault_id: &str,
+    ) -> Result<Vec<ProtectedItem>, AzureError> {
         let url = self.filtered(
             &format!("{vault_id}/backupProtectedItems"),
             Some("backupManagementType eq 'AzureIaasVM' and itemType eq 'VM'"),
@@ -542,7 +570,11 @@ impl BackupClient {
     }
 
     /// Jobs matching an OData `$filter`, e.g. `operation eq 'Backup' and status eq 'InProgress'`.
-    pub async fn list_jobs(&self, vault_id: &str, filter: Option<&str>) -> Result<Vec<BackupJob>, AzureError> {
+    pub async fn list_jobs(
+        &self,
+        vault_id: &str,
+        filter: Option<&str>,
+    ) -> Result<Vec<BackupJob>, AzureError> {
         let url = self.filtered(&format!("{vault_id}/backupJobs"), filter)?;
         self.arm.list_all(ApiRequest::arm(Method::GET, url)).await
     }
@@ -563,7 +595,10 @@ impl BackupClient {
         recovery_point_id: &str,
     ) -> Result<RecoveryPoint, AzureError> {
         self.arm
-            .get_json(self.url(&format!("{}/recoveryPoints/{recovery_point_id}", item.path()))?)
+            .get_json(self.url(&format!(
+                "{}/recoveryPoints/{recovery_point_id}",
+                item.path()
+            ))?)
             .await
     }
 
@@ -597,7 +632,10 @@ mod tests {
             "/subscriptions/s/resourceGroups/app-rg/providers/Microsoft.Compute/virtualMachines/vm1",
         )
         .unwrap();
-        assert_eq!(item.container_name, "IaasVMContainer;iaasvmcontainerv2;app-rg;vm1");
+        assert_eq!(
+            item.container_name,
+            "IaasVMContainer;iaasvmcontainerv2;app-rg;vm1"
+        );
         assert_eq!(item.protected_item_name, "VM;iaasvmcontainerv2;app-rg;vm1");
         assert!(item.path().ends_with("/backupFabrics/Azure/protectionContainers/IaasVMContainer;iaasvmcontainerv2;app-rg;vm1/protectedItems/VM;iaasvmcontainerv2;app-rg;vm1"));
         let err = ProtectedItemRef::for_vm("/v", "/subscriptions/s/resourceGroups/rg").unwrap_err();
@@ -621,8 +659,14 @@ mod tests {
         let body = request.to_body();
         assert_eq!(body["properties"]["objectType"], "IaasVMRestoreRequest");
         assert_eq!(body["properties"]["recoveryType"], "RestoreDisks");
-        assert_eq!(body["properties"]["encryptionDetails"]["encryptionEnabled"], true);
-        assert_eq!(body["properties"]["encryptionDetails"]["kekUrl"], "https://kv/keys/k/1");
+        assert_eq!(
+            body["properties"]["encryptionDetails"]["encryptionEnabled"],
+            true
+        );
+        assert_eq!(
+            body["properties"]["encryptionDetails"]["kekUrl"],
+            "https://kv/keys/k/1"
+        );
         assert!(body["properties"].get("targetResourceGroupId").is_none());
     }
 

@@ -35,12 +35,19 @@ impl BlobClient {
 
     /// `https://{account}.blob.core.windows.net/{container}/{blob}` (or the simulator's equivalent).
     pub async fn read(&self, blob_url: &str) -> Result<Vec<u8>, AzureError> {
-        Ok(self.arm.send(blob_request(Method::GET, blob_url)?).await?.body)
+        Ok(self
+            .arm
+            .send(blob_request(Method::GET, blob_url)?)
+            .await?
+            .body)
     }
 
     /// Reads a JSON blob (restore template, encryption info).
     pub async fn read_json(&self, blob_url: &str) -> Result<serde_json::Value, AzureError> {
-        self.arm.send(blob_request(Method::GET, blob_url)?).await?.json()
+        self.arm
+            .send(blob_request(Method::GET, blob_url)?)
+            .await?
+            .json()
     }
 
     /// Deletes a blob; an already-missing blob counts as deleted.

@@ -353,14 +353,17 @@ pub struct ComputeClient {
     arm: ArmClient,
 }
 
-
 impl ComputeClient {
     pub fn new(arm: ArmClient) -> Self {
         ComputeClient { arm }
     }
 
     /// The VM model; with `instance_view` also agent, extension and power states.
-    pub async fn get_vm(&self, vm_id: &str, instance_view: bool) -> Result<VirtualMachine, AzureError> {
+    pub async fn get_vm(
+        &self,
+        vm_id: &str,
+        instance_view: bool,
+    ) -> Result<VirtualMachine, AzureError> {
         let mut url = self.arm.arm_url(vm_id, COMPUTE_API_VERSION)?;
         if instance_view {
             url.query_pairs_mut().append_pair("$expand", "instanceView");
@@ -376,7 +379,9 @@ impl ComputeClient {
     }
 
     pub async fn get_disk(&self, disk_id: &str) -> Result<Disk, AzureError> {
-        self.arm.get_json(self.arm.arm_url(disk_id, DISK_API_VERSION)?).await
+        self.arm
+            .get_json(self.arm.arm_url(disk_id, DISK_API_VERSION)?)
+            .await
     }
 
     /// PATCHes a disk (for example its `encryptionSettingsCollection` after a restore) and waits.
@@ -389,8 +394,13 @@ impl ComputeClient {
         decode_resource(outcome.resource, disk_id)
     }
 
-    pub async fn get_disk_encryption_set(&self, des_id: &str) -> Result<DiskEncryptionSet, AzureError> {
-        self.arm.get_json(self.arm.arm_url(des_id, DISK_API_VERSION)?).await
+    pub async fn get_disk_encryption_set(
+        &self,
+        des_id: &str,
+    ) -> Result<DiskEncryptionSet, AzureError> {
+        self.arm
+            .get_json(self.arm.arm_url(des_id, DISK_API_VERSION)?)
+            .await
     }
 
     pub async fn get_extension(&self, vm_id: &str, name: &str) -> Result<VmExtension, AzureError> {

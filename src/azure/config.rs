@@ -45,7 +45,9 @@ pub const DEFAULT_SERVICEBUS_AUDIENCE: &str = "https://servicebus.azure.net/.def
 #[derive(Clone, PartialEq, Eq)]
 pub enum CredentialChoice {
     /// Managed identity: system-assigned, or user-assigned when a client id is given.
-    ManagedIdentity { user_assigned_client_id: Option<String> },
+    ManagedIdentity {
+        user_assigned_client_id: Option<String>,
+    },
     /// Azure CLI, then Azure Developer CLI (a laptop).
     DeveloperTools,
     /// An app registration's client secret (CI pipelines).
@@ -137,7 +139,10 @@ impl ServiceBusConfig {
         let mut endpoint = None;
         let mut policy_name = None;
         let mut key = None;
-        for part in connection_string.split(';').filter(|p| !p.trim().is_empty()) {
+        for part in connection_string
+            .split(';')
+            .filter(|p| !p.trim().is_empty())
+        {
             let Some((name, value)) = part.split_once('=') else {
                 continue;
             };
@@ -267,9 +272,9 @@ impl AzureConfig {
             get(ENV_SERVICEBUS_CONNECTION_STRING),
             get(ENV_SERVICEBUS_NAMESPACE),
         ) {
-            (Some(connection_string), _) => {
-                Some(ServiceBusConfig::from_connection_string(&connection_string)?)
-            }
+            (Some(connection_string), _) => Some(ServiceBusConfig::from_connection_string(
+                &connection_string,
+            )?),
             (None, Some(namespace)) => Some(ServiceBusConfig {
                 namespace: namespace_name(namespace.trim()),
                 sas: None,
@@ -319,7 +324,10 @@ mod tests {
             (ENV_AZURE_CLIENT_ID, "abc"),
         ])
         .unwrap();
-        assert_eq!(cfg.resource_graph_endpoint.as_str(), "http://127.0.0.1:8080/");
+        assert_eq!(
+            cfg.resource_graph_endpoint.as_str(),
+            "http://127.0.0.1:8080/"
+        );
         assert_eq!(
             cfg.credential,
             CredentialChoice::ManagedIdentity {
@@ -363,7 +371,10 @@ mod tests {
         let sb = cfg.service_bus.unwrap();
         assert_eq!(sb.namespace, "vmb-sb");
         assert_eq!(sb.sas.as_ref().unwrap().policy_name, "send");
-        assert_eq!(sb.endpoint_override.unwrap().as_str(), "http://127.0.0.1:7071/");
+        assert_eq!(
+            sb.endpoint_override.unwrap().as_str(),
+            "http://127.0.0.1:7071/"
+        );
         assert!(!format!("{:?}", config(&[(ENV_SERVICEBUS_CONNECTION_STRING, "Endpoint=sb://a.servicebus.windows.net/;SharedAccessKeyName=p;SharedAccessKey=zzsecret")]).unwrap()).contains("zzsecret"));
 
         let cfg = config(&[(ENV_SERVICEBUS_NAMESPACE, "vmb-sb.servicebus.windows.net")]).unwrap();

@@ -32,7 +32,10 @@ pub struct DeploymentProperties {
 pub enum TemplateSource {
     Inline(Value),
     /// `query_string` is a SAS; it is sent to ARM and never logged.
-    Link { uri: String, query_string: Option<String> },
+    Link {
+        uri: String,
+        query_string: Option<String>,
+    },
 }
 
 impl std::fmt::Debug for TemplateSource {
@@ -52,7 +55,11 @@ pub struct DeploymentsClient {
     arm: ArmClient,
 }
 
-fn deployment_path(subscription_id: &str, resource_group: &str, name: &str) -> Result<String, AzureError> {
+fn deployment_path(
+    subscription_id: &str,
+    resource_group: &str,
+    name: &str,
+) -> Result<String, AzureError> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name
@@ -102,9 +109,16 @@ impl DeploymentsClient {
         decode_resource(outcome.resource, &path)
     }
 
-    pub async fn get(&self, subscription_id: &str, resource_group: &str, name: &str) -> Result<Deployment, AzureError> {
+    pub async fn get(
+        &self,
+        subscription_id: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<Deployment, AzureError> {
         let path = deployment_path(subscription_id, resource_group, name)?;
-        self.arm.get_json(self.arm.arm_url(&path, DEPLOYMENTS_API_VERSION)?).await
+        self.arm
+            .get_json(self.arm.arm_url(&path, DEPLOYMENTS_API_VERSION)?)
+            .await
     }
 }
 
@@ -118,7 +132,10 @@ mod tests {
         let err = deployment_path("s", "rg", "bad/name").unwrap_err();
         assert!(err.to_string().contains("deployment name"));
         assert!(deployment_path("s", "rg", &"x".repeat(65)).is_err());
-        let link = TemplateSource::Link { uri: "https://sa/c/t.json?sig=abc".into(), query_string: Some("sig=abc".into()) };
+        let link = TemplateSource::Link {
+            uri: "https://sa/c/t.json?sig=abc".into(),
+            query_string: Some("sig=abc".into()),
+        };
         assert!(!format!("{link:?}").contains("sig"));
     }
 }

@@ -16,6 +16,13 @@ pub struct ArmErrorDetail {
     pub details: Vec<ArmErrorDetail>,
 }
 
+impl ArmErrorDetail {
+    /// This error or any nested detail carries `code` (ASCII case-insensitive).
+    pub fn has_code(&self, code: &str) -> bool {
+        self.code.eq_ignore_ascii_case(code) || self.details.iter().any(|d| d.has_code(code))
+    }
+}
+
 /// Some services send numeric codes (`"code": 400094`); keep them as text.
 fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(match Value::deserialize(d)? {
@@ -62,10 +69,7 @@ impl ArmError {
     /// True when the error or any nested detail carries `code` (ASCII case-insensitive: the docs
     /// spell `UserErrorKeyvault…` and `UserErrorKeyVault…`).
     pub fn has_code(&self, code: &str) -> bool {
-        fn walk(detail: &ArmErrorDetail, code: &str) -> bool {
-            detail.code.eq_ignore_ascii_case(code) || detail.details.iter().any(|d| walk(d, code))
-        }
-        walk(&self.error, code)
+        self.error.has_code(code)
     }
 }
 
@@ -90,12 +94,12 @@ impl std::fmt::Display for ArmError {
 pub enum AzureError {
     /// Azure answered with an error status (after retries, for retryable ones).
     #[error("{0}")]
-    Arm(ArmError),
+    Arm(Box<ArmError>),
     /// A long-running operation ended as Failed or Canceled.
     #[error("operation {status}: {}: {} (polled {url})", error.code, error.message)]
     OperationFailed {
         status: String,
-        error: ArmErrorDetail,
+        error: Box<ArmErrorDetail>,
         url: String,
     },
     /// No answer from Azure (connect error, timeout) after the retries.
@@ -130,14 +134,7 @@ impl AzureError {
     pub fn has_code(&self, code: &str) -> bool {
         match self {
             AzureError::Arm(e) => e.has_code(code),
-            AzureError::OperationFailed { error, .. } => {
-                ArmError {
-                    status: 200,
-                    error: error.clone(),
-                    request_id: None,
-                }
-                .has_code(code)
-            }
+            AzureError::OperationFailed { error, .. } => error.has_code(code),
             _ => false,
         }
     }
@@ -189,11 +186,12 @@ mod tests {
 
     #[test]
     fn bare_and_numeric_codes_and_non_json_bodies() {
-        let err = ArmError::from_response(400, br#"{"code":400094,"message":"BCMV2VMNotFound"}"#, None);
+        let err =
+            ArmError::from_response(400, br#"{"code":400094,"message":"BCMV2VMNotFound"}"#, None);
         assert_eq!(err.error.code, "400094");
         let err = ArmError::from_response(502, b"<html>bad gateway</html>", None);
         assert_eq!(err.error.code, "Http502");
         assert!(err.error.message.contains("bad gateway"));
-        assert!(AzureError::Arm(err).is_transient());
+        assert!(AzureError::Arm(Box::new(err)).is_transient());
     }
 }

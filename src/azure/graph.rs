@@ -39,7 +39,11 @@ impl ResourceGraphClient {
     ///
     /// Resource Graph has its own per-user quota (not ARM's subscription buckets): when
     /// `x-ms-user-quota-remaining` reaches 0 the next page waits `x-ms-user-quota-resets-after`.
-    pub async fn query(&self, query: &str, subscriptions: &[String]) -> Result<Vec<Value>, AzureError> {
+    pub async fn query(
+        &self,
+        query: &str,
+        subscriptions: &[String],
+    ) -> Result<Vec<Value>, AzureError> {
         let endpoint = &self.arm.config().resource_graph_endpoint;
         let url = with_api_version(
             endpoint,
@@ -53,7 +57,8 @@ impl ResourceGraphClient {
             if let Some(token) = &skip_token {
                 options["$skipToken"] = json!(token);
             }
-            let body = json!({ "query": query, "subscriptions": subscriptions, "options": options });
+            let body =
+                json!({ "query": query, "subscriptions": subscriptions, "options": options });
             let response = self
                 .arm
                 .send(ApiRequest::data_plane(Method::POST, url.clone(), Audience::Arm).json(body))

@@ -131,7 +131,9 @@ pub fn role_assignment_name(scope: &str, principal_id: &str, role_definition_id:
     );
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -261,7 +263,11 @@ impl KeyVaultClient {
                 "principalType": principal_type,
             }
         });
-        match self.arm.send(ApiRequest::arm(Method::PUT, url).json(body)).await {
+        match self
+            .arm
+            .send(ApiRequest::arm(Method::PUT, url).json(body))
+            .await
+        {
             Ok(response) => response.json().map(Some),
             Err(e) if e.has_code("RoleAssignmentExists") => Ok(None),
             Err(e) => Err(e),
@@ -290,9 +296,16 @@ impl KeyVaultClient {
     }
 
     /// Metadata of a key (latest version when `version` is `None`).
-    pub async fn get_key(&self, vault_uri: &str, name: &str, version: Option<&str>) -> Result<KeyProperties, AzureError> {
+    pub async fn get_key(
+        &self,
+        vault_uri: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<KeyProperties, AzureError> {
         let path = format!("keys/{name}/{}", version.unwrap_or(""));
-        self.data_call(Method::GET, vault_uri, &path, None).await?.json()
+        self.data_call(Method::GET, vault_uri, &path, None)
+            .await?
+            .json()
     }
 
     /// Metadata of a secret (content type, tags, attributes); the value is dropped unread.
@@ -303,44 +316,88 @@ impl KeyVaultClient {
         version: Option<&str>,
     ) -> Result<SecretProperties, AzureError> {
         let path = format!("secrets/{name}/{}", version.unwrap_or(""));
-        self.data_call(Method::GET, vault_uri, &path, None).await?.json()
+        self.data_call(Method::GET, vault_uri, &path, None)
+            .await?
+            .json()
     }
 
     pub async fn backup_key(&self, vault_uri: &str, name: &str) -> Result<BackupBlob, AzureError> {
         let response = self
-            .data_call(Method::POST, vault_uri, &format!("keys/{name}/backup"), None)
+            .data_call(
+                Method::POST,
+                vault_uri,
+                &format!("keys/{name}/backup"),
+                None,
+            )
             .await?;
         blob(&response)
     }
 
-    pub async fn restore_key(&self, vault_uri: &str, backup: &BackupBlob) -> Result<KeyProperties, AzureError> {
-        self.data_call(Method::POST, vault_uri, "keys/restore", Some(json!({ "value": backup.0 })))
-            .await?
-            .json()
+    pub async fn restore_key(
+        &self,
+        vault_uri: &str,
+        backup: &BackupBlob,
+    ) -> Result<KeyProperties, AzureError> {
+        self.data_call(
+            Method::POST,
+            vault_uri,
+            "keys/restore",
+            Some(json!({ "value": backup.0 })),
+        )
+        .await?
+        .json()
     }
 
-    pub async fn backup_secret(&self, vault_uri: &str, name: &str) -> Result<BackupBlob, AzureError> {
+    pub async fn backup_secret(
+        &self,
+        vault_uri: &str,
+        name: &str,
+    ) -> Result<BackupBlob, AzureError> {
         let response = self
-            .data_call(Method::POST, vault_uri, &format!("secrets/{name}/backup"), None)
+            .data_call(
+                Method::POST,
+                vault_uri,
+                &format!("secrets/{name}/backup"),
+                None,
+            )
             .await?;
         blob(&response)
     }
 
-    pub async fn restore_secret(&self, vault_uri: &str, backup: &BackupBlob) -> Result<SecretProperties, AzureError> {
-        self.data_call(Method::POST, vault_uri, "secrets/restore", Some(json!({ "value": backup.0 })))
-            .await?
-            .json()
+    pub async fn restore_secret(
+        &self,
+        vault_uri: &str,
+        backup: &BackupBlob,
+    ) -> Result<SecretProperties, AzureError> {
+        self.data_call(
+            Method::POST,
+            vault_uri,
+            "secrets/restore",
+            Some(json!({ "value": backup.0 })),
+        )
+        .await?
+        .json()
     }
 
     /// Writes a new secret version (a wrapped BEK with its ADE tags).
-    pub async fn set_secret(&self, vault_uri: &str, name: &str, secret: &NewSecret) -> Result<SecretProperties, AzureError> {
+    pub async fn set_secret(
+        &self,
+        vault_uri: &str,
+        name: &str,
+        secret: &NewSecret,
+    ) -> Result<SecretProperties, AzureError> {
         let mut body = json!({ "value": secret.value, "tags": secret.tags });
         if let Some(content_type) = &secret.content_type {
             body["contentType"] = json!(content_type);
         }
-        self.data_call(Method::PUT, vault_uri, &format!("secrets/{name}"), Some(body))
-            .await?
-            .json()
+        self.data_call(
+            Method::PUT,
+            vault_uri,
+            &format!("secrets/{name}"),
+            Some(body),
+        )
+        .await?
+        .json()
     }
 }
 

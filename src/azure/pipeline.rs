@@ -63,8 +63,10 @@ impl ApiRequest {
     }
 
     pub fn header(mut self, name: &'static str, value: &'static str) -> Self {
-        self.headers
-            .push((HeaderName::from_static(name), HeaderValue::from_static(value)));
+        self.headers.push((
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        ));
         self
     }
 }
@@ -146,19 +148,20 @@ pub fn display_url(url: &Url) -> String {
 
 /// Appends `api-version` to an ARM path (an id starting with `/subscriptions/…` or `/providers/…`).
 pub fn with_api_version(base: &Url, path: &str, api_version: &str) -> Result<Url, AzureError> {
-    let mut url = base
-        .join(path.trim_start_matches('/'))
-        .map_err(|e| AzureError::InvalidInput {
-            field: "resource path".into(),
-            message: format!("{path:?}: {e}"),
-        })?;
+    let mut url =
+        base.join(path.trim_start_matches('/'))
+            .map_err(|e| AzureError::InvalidInput {
+                field: "resource path".into(),
+                message: format!("{path:?}: {e}"),
+            })?;
     if url.scheme() != base.scheme() || url.host() != base.host() {
         return Err(AzureError::InvalidInput {
             field: "resource path".into(),
             message: format!("{path:?} is not a path on {}", base.as_str()),
         });
     }
-    url.query_pairs_mut().append_pair("api-version", api_version);
+    url.query_pairs_mut()
+        .append_pair("api-version", api_version);
     Ok(url)
 }
 
@@ -412,7 +415,7 @@ impl ArmClient {
                 url: request.url.clone(),
             });
         }
-        let error = AzureError::Arm(ArmError::from_response(status, &body, request_id));
+        let error = AzureError::Arm(Box::new(ArmError::from_response(status, &body, request_id)));
         if is_retryable_status(status) {
             let retry_after = headers
                 .get(reqwest::header::RETRY_AFTER)
@@ -454,7 +457,9 @@ impl ArmClient {
             let mut wait = self.poll_wait(&initial);
             let status_body = loop {
                 self.sleep_within_budget(wait, started, &status_url).await?;
-                let response = self.send(ApiRequest::arm(Method::GET, status_url.clone())).await?;
+                let response = self
+                    .send(ApiRequest::arm(Method::GET, status_url.clone()))
+                    .await?;
                 wait = self.poll_wait(&response);
                 let body: Value = response.json()?;
                 let status = body.get("status").and_then(Value::as_str).unwrap_or("");
@@ -465,9 +470,14 @@ impl ArmClient {
                 }
             };
             let resource = if puts_resource {
-                Some(self.send(ApiRequest::arm(Method::GET, resource_url.clone())).await?.json()?)
+                Some(
+                    self.send(ApiRequest::arm(Method::GET, resource_url.clone()))
+                        .await?
+                        .json()?,
+                )
             } else if let Some(location) = location {
-                self.poll_location(location, Duration::ZERO, started).await?
+                self.poll_location(location, Duration::ZERO, started)
+                    .await?
             } else {
                 None
             };
@@ -478,7 +488,9 @@ impl ArmClient {
         }
         if let Some(location) = location {
             if initial.status == 202 || !puts_resource {
-                let resource = self.poll_location(location, self.poll_wait(&initial), started).await?;
+                let resource = self
+                    .poll_location(location, self.poll_wait(&initial), started)
+                    .await?;
                 let resource = match (resource, puts_resource) {
                     (None, true) => Some(
                         self.send(ApiRequest::arm(Method::GET, resource_url.clone()))
@@ -522,7 +534,9 @@ impl ArmClient {
         let mut wait = first_wait;
         loop {
             self.sleep_within_budget(wait, started, &location).await?;
-            let response = self.send(ApiRequest::arm(Method::GET, location.clone())).await?;
+            let response = self
+                .send(ApiRequest::arm(Method::GET, location.clone()))
+                .await?;
             if response.status == 202 {
                 wait = self.poll_wait(&response);
                 continue;
@@ -539,8 +553,11 @@ impl ArmClient {
     ) -> Result<LroOutcome, AzureError> {
         let mut wait = first_wait;
         loop {
-            self.sleep_within_budget(wait, started, resource_url).await?;
-            let response = self.send(ApiRequest::arm(Method::GET, resource_url.clone())).await?;
+            self.sleep_within_budget(wait, started, resource_url)
+                .await?;
+            let response = self
+                .send(ApiRequest::arm(Method::GET, resource_url.clone()))
+                .await?;
             wait = self.poll_wait(&response);
             let body: Value = response.json()?;
             let state = provisioning_state(&body).unwrap_or("Succeeded").to_string();
@@ -570,15 +587,14 @@ impl ArmClient {
         started: chrono::DateTime<chrono::Utc>,
         url: &Url,
     ) -> Result<(), AzureError> {
-        let elapsed = (self.inner.timer.now() - started).to_std().unwrap_or_default();
+        let elapsed = (self.inner.timer.now() - started)
+            .to_std()
+            .unwrap_or_default();
         if elapsed + wait > self.inner.lro.max_duration {
             return Err(AzureError::GaveUp {
                 url: display_url(url),
                 attempts: 0,
-                reason: format!(
-                    "operation still running after {}s",
-                    elapsed.as_secs()
-                ),
+                reason: format!("operation still running after {}s", elapsed.as_secs()),
             });
         }
         self.inner.timer.sleep(wait).await;
@@ -586,7 +602,10 @@ impl ArmClient {
     }
 
     /// Every item of an ARM list, following `nextLink` exactly as returned.
-    pub async fn list_all<T: DeserializeOwned>(&self, first: ApiRequest) -> Result<Vec<T>, AzureError> {
+    pub async fn list_all<T: DeserializeOwned>(
+        &self,
+        first: ApiRequest,
+    ) -> Result<Vec<T>, AzureError> {
         #[derive(Deserialize)]
         struct Page<T> {
             #[serde(default = "Vec::new")]
@@ -620,7 +639,10 @@ impl ArmClient {
 }
 
 /// Decodes the resource an operation produced; `what` names it in the error.
-pub(crate) fn decode_resource<T: DeserializeOwned>(value: Option<Value>, what: &str) -> Result<T, AzureError> {
+pub(crate) fn decode_resource<T: DeserializeOwned>(
+    value: Option<Value>,
+    what: &str,
+) -> Result<T, AzureError> {
     let value = value.ok_or_else(|| AzureError::Decode {
         url: what.to_string(),
         message: "the operation returned no resource".into(),
@@ -647,9 +669,7 @@ fn header_url(response: &ApiResponse, name: &str) -> Result<Option<Url>, AzureEr
 }
 
 fn provisioning_state(body: &Value) -> Option<&str> {
-    body.get("properties")?
-        .get("provisioningState")?
-        .as_str()
+    body.get("properties")?.get("provisioningState")?.as_str()
 }
 
 /// `Some(true)` succeeded, `Some(false)` failed or canceled, `None` still running.
@@ -673,7 +693,7 @@ fn operation_failed(status: &str, body: &Value, url: &Url) -> AzureError {
         });
     AzureError::OperationFailed {
         status: status.to_string(),
-        error,
+        error: Box::new(error),
         url: display_url(url),
     }
 }
@@ -685,7 +705,8 @@ mod tests {
     #[test]
     fn api_version_is_appended_and_foreign_hosts_are_refused() {
         let base = Url::parse("http://127.0.0.1:9000/").unwrap();
-        let url = with_api_version(&base, "/subscriptions/s/resourceGroups/r g", "2025-04-01").unwrap();
+        let url =
+            with_api_version(&base, "/subscriptions/s/resourceGroups/r g", "2025-04-01").unwrap();
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:9000/subscriptions/s/resourceGroups/r%20g?api-version=2025-04-01"
@@ -696,7 +717,9 @@ mod tests {
     #[test]
     fn job_id_from_operation_status() {
         let outcome = LroOutcome {
-            operation_status: Some(serde_json::json!({"status":"Succeeded","properties":{"objectType":"OperationStatusJobExtendedInfo","jobId":"j1"}})),
+            operation_status: Some(
+                serde_json::json!({"status":"Succeeded","properties":{"objectType":"OperationStatusJobExtendedInfo","jobId":"j1"}}),
+            ),
             resource: None,
         };
         assert_eq!(outcome.job_id().as_deref(), Some("j1"));

@@ -97,7 +97,9 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     if let Ok(seconds) = value.parse::<f64>() {
         return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
     }
-    let at = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+    let at = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
@@ -138,7 +140,10 @@ mod tests {
     fn retry_after_seconds_and_http_dates() {
         let now = Utc.with_ymd_and_hms(2026, 11, 28, 10, 56, 0).unwrap();
         assert_eq!(parse_retry_after("60", now), Some(Duration::from_secs(60)));
-        assert_eq!(parse_retry_after("1.5", now), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after("1.5", now),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(
             parse_retry_after("Sat, 28 Nov 2026 10:56:08 +0000", now),
             Some(Duration::from_secs(8))

@@ -115,7 +115,11 @@ pub fn throttle_scope(url: &url::Url) -> String {
 
 /// The header ARM uses to report what is left in the bucket this request was counted against.
 pub fn remaining_header(scope: &str, class: OpClass) -> String {
-    let level = if scope == "tenant" { "tenant" } else { "subscription" };
+    let level = if scope == "tenant" {
+        "tenant"
+    } else {
+        "subscription"
+    };
     format!("x-ms-ratelimit-remaining-{level}-{}", class.header_suffix())
 }
 
@@ -137,12 +141,10 @@ impl ArmThrottle {
     pub fn reserve(&self, scope: &str, class: OpClass, now: DateTime<Utc>) -> Duration {
         let limits = self.limits.of(class);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = buckets
-            .entry((scope.to_string(), class))
-            .or_insert(Bucket {
-                tokens: limits.capacity,
-                updated: now,
-            });
+        let bucket = buckets.entry((scope.to_string(), class)).or_insert(Bucket {
+            tokens: limits.capacity,
+            updated: now,
+        });
         bucket.refill(limits, now);
         bucket.tokens -= 1.0;
         if bucket.tokens >= 0.0 {
@@ -154,7 +156,13 @@ impl ArmThrottle {
 
     /// Lowers our count to what ARM reported remaining (never raises it: ARM's count lags our
     /// reservations that are still waiting to be sent).
-    pub fn observe_remaining(&self, scope: &str, class: OpClass, remaining: f64, now: DateTime<Utc>) {
+    pub fn observe_remaining(
+        &self,
+        scope: &str,
+        class: OpClass,
+        remaining: f64,
+        now: DateTime<Utc>,
+    ) {
         let limits = self.limits.of(class);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(bucket) = buckets.get_mut(&(scope.to_string(), class)) {
@@ -180,16 +188,31 @@ mod tests {
             assert_eq!(throttle.reserve("sub", OpClass::Read, t(0)), Duration::ZERO);
         }
         // The 251st read waits one refill step (1/25 s), the 260th ten.
-        assert_eq!(throttle.reserve("sub", OpClass::Read, t(0)), Duration::from_millis(40));
+        assert_eq!(
+            throttle.reserve("sub", OpClass::Read, t(0)),
+            Duration::from_millis(40)
+        );
         for _ in 0..8 {
             throttle.reserve("sub", OpClass::Read, t(0));
         }
-        assert_eq!(throttle.reserve("sub", OpClass::Read, t(0)), Duration::from_millis(400));
+        assert_eq!(
+            throttle.reserve("sub", OpClass::Read, t(0)),
+            Duration::from_millis(400)
+        );
         // Other classes and subscriptions have their own buckets.
-        assert_eq!(throttle.reserve("sub", OpClass::Write, t(0)), Duration::ZERO);
-        assert_eq!(throttle.reserve("other", OpClass::Read, t(0)), Duration::ZERO);
+        assert_eq!(
+            throttle.reserve("sub", OpClass::Write, t(0)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            throttle.reserve("other", OpClass::Read, t(0)),
+            Duration::ZERO
+        );
         // After 10 s the read bucket has refilled 250 tokens minus the 10 borrowed.
-        assert_eq!(throttle.reserve("sub", OpClass::Read, t(10_000)), Duration::ZERO);
+        assert_eq!(
+            throttle.reserve("sub", OpClass::Read, t(10_000)),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -197,7 +220,10 @@ mod tests {
         let throttle = ArmThrottle::new(ThrottleLimits::default());
         throttle.reserve("sub", OpClass::Write, t(0));
         throttle.observe_remaining("sub", OpClass::Write, 0.0, t(0));
-        assert_eq!(throttle.reserve("sub", OpClass::Write, t(0)), Duration::from_millis(100));
+        assert_eq!(
+            throttle.reserve("sub", OpClass::Write, t(0)),
+            Duration::from_millis(100)
+        );
         throttle.observe_remaining("sub", OpClass::Write, 150.0, t(0));
         assert!(throttle.reserve("sub", OpClass::Write, t(0)) > Duration::ZERO);
     }
@@ -209,7 +235,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(throttle_scope(&url), "abc");
-        let url = url::Url::parse("https://management.azure.com/providers/Microsoft.ResourceGraph/resources").unwrap();
+        let url = url::Url::parse(
+            "https://management.azure.com/providers/Microsoft.ResourceGraph/resources",
+        )
+        .unwrap();
         assert_eq!(throttle_scope(&url), "tenant");
         assert_eq!(
             remaining_header("abc", OpClass::Delete),
