@@ -25,6 +25,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run the Azure simulator alone (ARM paths at the root of ADDR, managed identity, data planes).
+    Simulator(vmbackup::simulator::cli::SimulatorArgs),
 }
 
 /// Exit codes of the contract: 1 runtime failure, 2 bad usage or bad input.
@@ -78,6 +80,15 @@ async fn run(command: Command) -> Result<(), Failure> {
                     }
                     other => Failure::Runtime(other.to_string()),
                 })
+        }
+        Command::Simulator(args) => {
+            vmbackup::simulator::cli::run(args).await.map_err(|e| {
+                if e.downcast_ref::<vmbackup::simulator::fleet::FleetError>().is_some() {
+                    Failure::Usage(e.to_string())
+                } else {
+                    Failure::Runtime(format!("{e:#}"))
+                }
+            })
         }
         Command::Package { out } => {
             let binary = std::env::current_exe()

@@ -1,7 +1,7 @@
 //! The real `azure_messaging_servicebus` 0.21 client against the local Service Bus endpoint, through
 //! a wrapping `HttpClient` that sends `https://{ns}.servicebus.windows.net/...` to loopback.
 
-use azure_core_021::{HttpClient, Request, Response};
+use azure_core_legacy::{HttpClient, Request, Response};
 use azure_messaging_servicebus::prelude::*;
 use azure_messaging_servicebus::service_bus::{SendMessageOptions, SettableBrokerProperties};
 use chrono::Utc;
@@ -26,7 +26,7 @@ struct LoopbackClient {
 
 #[async_trait::async_trait]
 impl HttpClient for LoopbackClient {
-    async fn execute_request(&self, request: &Request) -> azure_core_021::Result<Response> {
+    async fn execute_request(&self, request: &Request) -> azure_core_legacy::Result<Response> {
         let mut request = request.clone();
         let url = request.url_mut();
         if url
@@ -57,7 +57,7 @@ async fn start() -> (Queue, RunningEndpoint, std::path::PathBuf) {
 
 fn client(addr: SocketAddr, key: &str) -> QueueClient {
     let http: Arc<dyn HttpClient> = Arc::new(LoopbackClient {
-        inner: azure_core_021::new_http_client(),
+        inner: azure_core_legacy::new_http_client(),
         addr,
     });
     QueueClient::new(http, "local", QUEUE, KEY_NAME, key.to_string()).unwrap()
@@ -90,7 +90,7 @@ async fn real_crate_sends_normal_and_scheduled_messages_with_sas() {
 
     // A delayed follow-up, as job polling sends it: RFC 2822 ScheduledEnqueueTimeUtc.
     let at = Utc::now() + chrono::Duration::seconds(2);
-    let at_offset = azure_core_021::date::parse_rfc3339(&at.to_rfc3339()).unwrap();
+    let at_offset = azure_core_legacy::date::parse_rfc3339(&at.to_rfc3339()).unwrap();
     sender
         .send_message(
             r#"{"poll":1}"#,
@@ -182,7 +182,7 @@ async fn properties_sent_by_the_crate_reach_the_queue() {
                     correlation_id: Some("corr-7".into()),
                     label: Some("subject-7".into()),
                     scheduled_enqueue_time_utc: Some(
-                        azure_core_021::date::parse_rfc3339(&at.to_rfc3339()).unwrap(),
+                        azure_core_legacy::date::parse_rfc3339(&at.to_rfc3339()).unwrap(),
                     ),
                     ..Default::default()
                 }),
