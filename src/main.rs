@@ -71,7 +71,9 @@ async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Serve => {
             vmbackup::runtime::init_logging();
-            vmbackup::runtime::serve(vmbackup::workflow::app())
+            let deps =
+                vmbackup::workflow::Deps::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
+            vmbackup::runtime::serve(vmbackup::workflow::app(std::sync::Arc::new(deps)))
                 .await
                 .map_err(|e| match e {
                     vmbackup::runtime::ServeError::PortMissing
@@ -81,21 +83,22 @@ async fn run(command: Command) -> Result<(), Failure> {
                     other => Failure::Runtime(other.to_string()),
                 })
         }
-        Command::Simulator(args) => {
-            vmbackup::simulator::cli::run(args).await.map_err(|e| {
-                if e.downcast_ref::<vmbackup::simulator::fleet::FleetError>().is_some() {
-                    Failure::Usage(e.to_string())
-                } else {
-                    Failure::Runtime(format!("{e:#}"))
-                }
-            })
-        }
+        Command::Simulator(args) => vmbackup::simulator::cli::run(args).await.map_err(|e| {
+            if e.downcast_ref::<vmbackup::simulator::fleet::FleetError>()
+                .is_some()
+            {
+                Failure::Usage(e.to_string())
+            } else {
+                Failure::Runtime(format!("{e:#}"))
+            }
+        }),
         Command::Package { out } => {
             let binary = std::env::current_exe()
                 .map_err(|e| Failure::Runtime(format!("cannot locate the running binary: {e}")))?;
-            let target =
-                vmbackup::runtime::package::package(&vmbackup::workflow::app(), &out, &binary)
-                    .map_err(|e| Failure::Runtime(e.to_string()))?;
+            let app =
+                vmbackup::workflow::declared_app().map_err(|e| Failure::Runtime(e.to_string()))?;
+            let target = vmbackup::runtime::package::package(&app, &out, &binary)
+                .map_err(|e| Failure::Runtime(e.to_string()))?;
             println!(
                 "packaged the function app in {} (handler {})",
                 out.display(),

@@ -27,7 +27,7 @@ fn checked_in_functions() -> BTreeSet<String> {
 
 #[test]
 fn checked_in_layout_matches_the_declarations() {
-    let generated = AppFiles::render(&vmbackup::workflow::app());
+    let generated = AppFiles::render(&vmbackup::workflow::declared_app().unwrap());
     if std::env::var_os("VMBACKUP_BLESS").is_some() {
         let functions = root().join("functions");
         for stale in checked_in_functions() {
@@ -94,7 +94,7 @@ fn assert_valid(validator: &jsonschema::Validator, path: &Path, document: &Value
 
 #[test]
 fn generated_files_satisfy_schemastore_schemas() {
-    let generated = AppFiles::render(&vmbackup::workflow::app());
+    let generated = AppFiles::render(&vmbackup::workflow::declared_app().unwrap());
     if let Some(host_schema) = schema("host.json") {
         let host: Value = serde_json::from_str(&generated.host_json).unwrap();
         assert_valid(&host_schema, Path::new("host.json"), &host);
@@ -156,7 +156,7 @@ fn package_lays_out_host_json_functions_and_the_binary() {
             0
         );
     }
-    for spec in vmbackup::workflow::app().specs() {
+    for spec in vmbackup::workflow::declared_app().unwrap().specs() {
         assert!(out.join(&spec.name).join("function.json").is_file());
     }
     std::fs::remove_dir_all(&out).unwrap();

@@ -1,10 +1,108 @@
 //! The product's functions: one module per function, each reading its event, calling `domain` and
 //! `azure`, and emitting the next events. [`app`] declares them all, once.
+//!
+//! The workflow never knows whether Azure is real or simulated: [`Deps::from_env`] reads endpoints
+//! and the credential from app settings, as the Functions host (or `vmbackup local`) passes them.
 
+pub mod settings;
+
+use crate::azure::backup::BackupClient;
+use crate::azure::blob::BlobClient;
+use crate::azure::compute::ComputeClient;
+use crate::azure::deployments::DeploymentsClient;
+use crate::azure::graph::ResourceGraphClient;
+use crate::azure::keyvault::KeyVaultClient;
+use crate::azure::servicebus::ServiceBusSender;
+use crate::azure::{
+    ArmClient, AzureConfig, AzureError, ClockTimer, IdentityTokenSource, TokenSource,
+};
+use crate::clock::Clock;
 use crate::runtime::FunctionApp;
+pub use settings::Settings;
+use std::sync::Arc;
+
+/// Everything a handler needs, built once per process.
+pub struct Deps {
+    pub settings: Settings,
+    pub clock: Clock,
+    pub compute: ComputeClient,
+    pub backup: BackupClient,
+    pub key_vault: KeyVaultClient,
+    pub graph: ResourceGraphClient,
+    pub deployments: DeploymentsClient,
+    pub blob: BlobClient,
+    /// For delayed follow-ups (scheduled messages); `None` when no Service Bus is configured.
+    pub sender: Option<ServiceBusSender>,
+    /// For webhooks and ticket callbacks (not Azure).
+    pub http: reqwest::Client,
+}
+
+/// Why the app cannot start: a setting, named.
+#[derive(Debug, thiserror::Error)]
+pub enum DepsError {
+    #[error(transparent)]
+    Setting(#[from] settings::SettingError),
+    #[error(transparent)]
+    Clock(#[from] crate::clock::ClockError),
+    #[error("{0}")]
+    Azure(#[from] AzureError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl Deps {
+    /// Read app settings, the clock and the Azure configuration from the environment.
+    pub fn from_env() -> Result<Self, DepsError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, DepsError> {
+        let settings = Settings::from_lookup(&lookup)?;
+        let clock = Clock::from_lookup(&lookup)?;
+        let config = AzureConfig::from_lookup(&lookup)?;
+        let tokens: Arc<dyn TokenSource> = Arc::new(IdentityTokenSource::from_config(&config)?);
+        Self::with_tokens(settings, clock, config, tokens)
+    }
+
+    /// Build with an explicit token source (tests, tools).
+    pub fn with_tokens(
+        settings: Settings,
+        clock: Clock,
+        config: AzureConfig,
+        tokens: Arc<dyn TokenSource>,
+    ) -> Result<Self, DepsError> {
+        let arm = ArmClient::builder(config.clone(), tokens.clone())
+            .timer(Arc::new(ClockTimer(clock)))
+            .build()?;
+        let sender = config
+            .service_bus
+            .as_ref()
+            .map(|sb| ServiceBusSender::new(sb, tokens.clone(), &config.audiences.service_bus));
+        Ok(Deps {
+            settings,
+            clock,
+            compute: ComputeClient::new(arm.clone()),
+            backup: BackupClient::new(arm.clone()),
+            key_vault: KeyVaultClient::new(arm.clone()),
+            graph: ResourceGraphClient::new(arm.clone()),
+            deployments: DeploymentsClient::new(arm.clone()),
+            blob: BlobClient::new(arm),
+            sender,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?,
+        })
+    }
+}
 
 /// Every function of vmbackup with its trigger and outputs: the single source of truth for
 /// routing, `functions/*/function.json` and `vmbackup package`.
-pub fn app() -> FunctionApp {
+pub fn app(deps: Arc<Deps>) -> FunctionApp {
+    let _ = deps;
     FunctionApp::new()
+}
+
+/// The app as declared, for generating its layout (handlers are never called).
+pub fn declared_app() -> Result<FunctionApp, DepsError> {
+    Ok(app(Arc::new(Deps::from_lookup(|_| None)?)))
 }
