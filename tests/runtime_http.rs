@@ -431,10 +431,18 @@ fn serve_stops_on_sigterm_and_rejects_a_bad_port() {
     let mut stdout = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     // Logs are JSON lines on stdout.
-    let first = stdout.lines().next().unwrap_or_default();
-    let parsed: Value = serde_json::from_str(first).unwrap_or(Value::Null);
-    assert_eq!(
-        parsed["fields"]["message"], "custom handler listening",
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or(Value::Null))
+        .collect();
+    assert!(
+        lines.iter().all(Value::is_object),
+        "every stdout line is JSON: {stdout}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "custom handler listening"),
         "{stdout}"
     );
 }
