@@ -162,6 +162,8 @@ pub enum HostError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("no timer function named {0}")]
+    NoSuchTimer(String),
 }
 
 struct Shared {
@@ -323,6 +325,21 @@ impl Host {
     /// Invocations running now (queue, timer and HTTP).
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Fire a timer function now, as `POST /admin/functions/<name>` does on the real host (used for
+    /// the discovery sweep at the start of a local run, and by tests). Its outputs are enqueued.
+    pub async fn fire_timer(&self, function: &str) -> Result<(), HostError> {
+        let definition = self
+            .shared
+            .app
+            .functions
+            .iter()
+            .find(|f| f.name == function && matches!(f.trigger, Trigger::Timer { .. }))
+            .cloned()
+            .ok_or_else(|| HostError::NoSuchTimer(function.to_string()))?;
+        fire_timer(&self.shared, &definition, self.shared.clock.now()).await;
+        Ok(())
     }
 
     /// Nothing running and no message in flight or scheduled (timers alone don't count).

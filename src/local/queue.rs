@@ -128,6 +128,16 @@ pub enum AbandonOutcome {
     DeadLettered,
 }
 
+/// One message as it was enqueued (see [`Queue::journal_since`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournalEntry {
+    pub position: i64,
+    pub queue: String,
+    pub message_id: String,
+    pub body: Vec<u8>,
+    pub enqueued_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum QueueEvent {
     Enqueued {
@@ -204,6 +214,15 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, state, available_ms, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_lock ON messages (lock_token) WHERE lock_token IS NOT NULL;
+-- every message ever enqueued, in order: what the live view, the report and tests read back
+-- (written in the same transaction as the message, so it survives a restart with it)
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    enqueued_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS duplicates (
     queue TEXT NOT NULL,
     message_id TEXT NOT NULL,
@@ -350,6 +369,26 @@ impl Queue {
         for (queue, message_id) in enqueued {
             self.emit(QueueEvent::Enqueued { queue, message_id });
         }
+    }
+
+    /// Messages enqueued after journal position `after` (0 = from the start), oldest first.
+    pub fn journal_since(&self, after: i64) -> Result<Vec<JournalEntry>, QueueError> {
+        let connection = self.connection();
+        let mut statement = connection.prepare(
+            "SELECT seq, queue, message_id, body, enqueued_ms FROM journal WHERE seq > ?1 ORDER BY seq",
+        )?;
+        let entries = statement
+            .query_map(params![after], |row| {
+                Ok(JournalEntry {
+                    position: row.get(0)?,
+                    queue: row.get(1)?,
+                    message_id: row.get(2)?,
+                    body: row.get(3)?,
+                    enqueued_at: instant(row.get(4)?),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(entries)
     }
 
     /// Peek-lock: the next available message, locked for the queue's lock duration.
@@ -755,9 +794,12 @@ fn insert_all(
                 available
             ],
         )?;
-        outcomes.push(SendOutcome::Enqueued {
-            sequence_number: tx.last_insert_rowid(),
-        });
+        let sequence_number = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT INTO journal (queue, message_id, body, enqueued_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![queue, message_id, message.body, now],
+        )?;
+        outcomes.push(SendOutcome::Enqueued { sequence_number });
         enqueued.push((queue.clone(), message_id));
     }
     Ok((outcomes, enqueued))

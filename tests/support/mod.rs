@@ -1,0 +1,307 @@
+//! Test harness for the workflow: the Azure simulator, the durable local Service Bus with its REST
+//! endpoint, the handler (`workflow::app`) served over real HTTP in this process, and the local host
+//! delivering messages to it exactly as the Functions host would (reading the checked-in
+//! `host.json` and `functions/*/function.json`).
+//!
+//! The handler gets its tokens from the simulator's managed-identity endpoint over the same
+//! App Service protocol `azure_identity` uses (a process-wide environment variable cannot point
+//! every parallel test at its own simulator).
+
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use vmbackup::azure::config::{SasKey, ServiceBusConfig};
+use vmbackup::azure::{AzureConfig, AzureError, BearerToken, TokenSource};
+use vmbackup::clock::Clock;
+use vmbackup::events::{CloudEvent, EventData};
+use vmbackup::local::app::App;
+use vmbackup::local::host::{HandlerTarget, Host, HostConfig};
+use vmbackup::local::queue::{JournalEntry, OutgoingMessage, Queue};
+use vmbackup::local::servicebus_endpoint::{self, EndpointConfig, RunningEndpoint};
+use vmbackup::simulator::fleet::Fleet;
+use vmbackup::simulator::{Simulator, SimulatorConfig, SimulatorHandle};
+use vmbackup::workflow::{settings, Deps, Settings};
+
+pub const SAS_KEY_NAME: &str = "RootManageSharedAccessKey";
+pub const NAMESPACE: &str = "vmbackup-local";
+/// Timers are fired by the tests (`fire_timer`), never by the clock.
+pub const NEVER: &str = "0 0 0 1 1 *";
+
+/// Tokens from the simulator's managed-identity endpoint (`IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`).
+pub struct SimulatorTokens {
+    endpoint: String,
+    header: String,
+    http: reqwest::Client,
+}
+
+#[async_trait]
+impl TokenSource for SimulatorTokens {
+    async fn token(&self, audience: &str) -> Result<BearerToken, AzureError> {
+        let resource = audience.trim_end_matches("/.default");
+        let failed = |message: String| AzureError::Auth {
+            audience: audience.to_string(),
+            message,
+        };
+        let response = self
+            .http
+            .get(&self.endpoint)
+            .query(&[("resource", resource), ("api-version", "2019-08-01")])
+            .header("X-IDENTITY-HEADER", &self.header)
+            .send()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let body: Value = response.json().await.map_err(|e| failed(e.to_string()))?;
+        body["access_token"]
+            .as_str()
+            .map(BearerToken::new)
+            .ok_or_else(|| failed("no access_token in the identity response".into()))
+    }
+}
+
+pub struct Harness {
+    pub sim: SimulatorHandle,
+    pub queue: Queue,
+    pub host: Option<Host>,
+    pub deps: Arc<Deps>,
+    pub clock: Clock,
+    pub handler_url: String,
+    pub state_dir: PathBuf,
+    endpoint: Option<RunningEndpoint>,
+    handler_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    forwarder: tokio::task::JoinHandle<()>,
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Options that tests may change before starting.
+pub struct Options {
+    /// App settings on top of the harness's own (subscriptions, BMS object id, schedules).
+    pub settings: HashMap<String, String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            settings: HashMap::new(),
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start(fleet_json: &str) -> Harness {
+        Self::start_with(fleet_json, Options::default()).await
+    }
+
+    pub async fn start_with(fleet_json: &str, options: Options) -> Harness {
+        let fleet = Fleet::from_json_str(fleet_json).expect("the test fleet is valid");
+        let subscriptions: Vec<String> = fleet.subscriptions.iter().map(|s| s.id.clone()).collect();
+        let sim = Simulator::start(SimulatorConfig::new(fleet))
+            .await
+            .expect("simulator starts");
+        let clock = sim.clock();
+        let state_dir =
+            std::env::temp_dir().join(format!("vmbackup-test-{}", uuid::Uuid::new_v4()));
+        let queue = Queue::open(&state_dir, clock).expect("queue opens");
+
+        // The local Service Bus endpoint the handler's sender talks to.
+        let sas_key = uuid::Uuid::new_v4().simple().to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = servicebus_endpoint::spawn(
+            queue.clone(),
+            EndpointConfig {
+                sas_keys: HashMap::from([(SAS_KEY_NAME.to_string(), sas_key.clone())]),
+                bearer_check: None,
+                public_base_url: format!("https://{NAMESPACE}.servicebus.windows.net"),
+            },
+            listener,
+        )
+        .expect("endpoint starts");
+
+        // App settings: what infra sets in Azure, pointed at the simulator.
+        let mut app_settings: HashMap<String, String> = HashMap::from([
+            (settings::SUBSCRIPTIONS.to_string(), subscriptions.join(",")),
+            (
+                settings::BACKUP_MANAGEMENT_SERVICE_OBJECT_ID.to_string(),
+                vmbackup::simulator::state::BACKUP_MANAGEMENT_SERVICE_OBJECT_ID.to_string(),
+            ),
+            (settings::DISCOVERY_SCHEDULE.to_string(), NEVER.to_string()),
+            (settings::BACKUP_SCHEDULE.to_string(), NEVER.to_string()),
+        ]);
+        app_settings.extend(options.settings);
+        let workflow_settings = Settings::from_lookup(|name| app_settings.get(name).cloned())
+            .expect("test settings are valid");
+        let mut config = AzureConfig::for_endpoint(sim.arm_endpoint().parse().unwrap());
+        config.service_bus = Some(ServiceBusConfig {
+            namespace: NAMESPACE.to_string(),
+            sas: Some(SasKey {
+                policy_name: SAS_KEY_NAME.to_string(),
+                key: sas_key,
+            }),
+            endpoint_override: Some(format!("http://{}/", endpoint.addr).parse().unwrap()),
+        });
+        let tokens = Arc::new(SimulatorTokens {
+            endpoint: sim.identity_endpoint(),
+            header: sim.identity_header(),
+            http: reqwest::Client::new(),
+        });
+        let deps = Arc::new(
+            Deps::with_tokens(workflow_settings, clock, config, tokens).expect("deps build"),
+        );
+
+        // The handler, over real HTTP.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let handler_url = format!("http://{}", listener.local_addr().unwrap());
+        let (handler_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(vmbackup::runtime::serve_with_shutdown(
+            listener,
+            vmbackup::workflow::app(deps.clone()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        // Event Grid: the simulator's resource events land on vm-events, one message each.
+        let mut events = sim.subscribe_events();
+        let forward_queue = queue.clone();
+        let forwarder = tokio::spawn(async move {
+            while let Ok(event) = events.recv().await {
+                let items = match event {
+                    Value::Array(items) => items,
+                    single => vec![single],
+                };
+                for item in items {
+                    let mut message = OutgoingMessage::new(item.to_string());
+                    message.properties.message_id = item["id"].as_str().map(str::to_string);
+                    message.properties.content_type = Some("application/json".into());
+                    let _ = forward_queue.send(vmbackup::events::queues::VM_EVENTS, &message);
+                }
+            }
+        });
+
+        let app = App::load(&repo_root(), &app_settings).expect("the checked-in app layout loads");
+        for name in vmbackup::events::queues::ALL {
+            if !queue.queue_exists(name).unwrap() {
+                queue.create_queue(name, &Default::default()).unwrap();
+            }
+        }
+        let mut host_config = HostConfig::new(app, queue.clone());
+        host_config.target = HandlerTarget::Url(handler_url.clone());
+        host_config.app_settings = app_settings;
+        host_config.clock = clock;
+        let host = Host::start(host_config).await.expect("host starts");
+        Harness {
+            sim,
+            queue,
+            host: Some(host),
+            deps,
+            clock,
+            handler_url,
+            state_dir,
+            endpoint: Some(endpoint),
+            handler_stop: Some(handler_stop),
+            forwarder,
+        }
+    }
+
+    /// Put an event on its queue, as another function or a ticket system would.
+    pub fn send<T: EventData>(&self, event: &CloudEvent<T>) {
+        let mut message = OutgoingMessage::new(serde_json::to_vec(event).unwrap());
+        message.properties.message_id = Some(event.id.clone());
+        message.properties.content_type = Some("application/json".into());
+        self.queue.send(T::QUEUE, &message).unwrap();
+    }
+
+    /// Put raw bytes on a queue (malformed-message tests).
+    pub fn send_raw(&self, queue: &str, body: &str) {
+        self.queue.send(queue, &OutgoingMessage::new(body)).unwrap();
+    }
+
+    pub async fn fire_timer(&self, function: &str) {
+        self.host
+            .as_ref()
+            .unwrap()
+            .fire_timer(function)
+            .await
+            .unwrap();
+    }
+
+    /// Wait until nothing is running, in flight or scheduled; false on timeout (wall time).
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let host = self.host.as_ref().unwrap();
+        let mut quiet_polls = 0;
+        while tokio::time::Instant::now() < deadline {
+            // Idle twice in a row, so a message enqueued between the checks is not missed.
+            if host.is_idle().unwrap_or(false) {
+                quiet_polls += 1;
+                if quiet_polls >= 3 {
+                    return true;
+                }
+            } else {
+                quiet_polls = 0;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Every message enqueued so far, in order.
+    pub fn journal(&self) -> Vec<JournalEntry> {
+        self.queue.journal_since(0).unwrap()
+    }
+
+    /// The CloudEvents of one type enqueued so far.
+    pub fn events_of(&self, event_type: &str) -> Vec<Value> {
+        self.journal()
+            .into_iter()
+            .filter_map(|e| serde_json::from_slice::<Value>(&e.body).ok())
+            .filter(|v| v["type"] == event_type)
+            .collect()
+    }
+
+    /// ARM writes (PUT, PATCH, POST, DELETE) the simulator has served so far.
+    pub fn arm_writes(&self) -> usize {
+        self.sim
+            .request_log()
+            .iter()
+            .filter(|r| r.method != "GET" && !r.path.contains("/msi/"))
+            .count()
+    }
+
+    /// Invoke a function directly over HTTP with a Service Bus payload, as a redelivery would.
+    pub async fn invoke(&self, function: &str, body: &Value, delivery_count: u32) -> (u16, Value) {
+        let payload = serde_json::json!({
+            "Data": { "message": serde_json::to_string(&body.to_string()).unwrap() },
+            "Metadata": { "DeliveryCount": delivery_count.to_string(), "MessageId": "\"redelivery\"", "sys": {} }
+        });
+        let response = reqwest::Client::new()
+            .post(format!("{}/{function}", self.handler_url))
+            .json(&payload)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(host) = self.host.take() {
+            host.stop().await;
+        }
+        if let Some(stop) = self.handler_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
+        self.forwarder.abort();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
