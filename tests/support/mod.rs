@@ -81,17 +81,10 @@ fn repo_root() -> PathBuf {
 }
 
 /// Options that tests may change before starting.
+#[derive(Default)]
 pub struct Options {
     /// App settings on top of the harness's own (subscriptions, BMS object id, schedules).
     pub settings: HashMap<String, String>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            settings: HashMap::new(),
-        }
-    }
 }
 
 impl Harness {
