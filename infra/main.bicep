@@ -134,7 +134,7 @@ module storage 'modules/storage.bicep' = {
 module customRoles 'modules/custom-roles.bicep' = {
   name: 'vmbackup-custom-roles-${resourceToken}'
   params: {
-    nameSuffix: environmentName
+    nameSuffix: '${environmentName}-${resourceToken}'
     assignableSubscriptionIds: union(watchedSubscriptionIds, [
       subscription().subscriptionId
     ])
@@ -187,7 +187,7 @@ module functionApp 'modules/functionapp.bicep' = {
 // Event Grid: a system topic per watched subscription, allowed to send to vm-events, then the
 // subscription filtered to VM and VM-extension writes.
 module watched 'modules/watched-subscription.bicep' = [for subscriptionId in watchedSubscriptionIds: {
-  name: 'vmbackup-watch-${resourceToken}'
+  name: 'vmbackup-watch-${uniqueString(subscriptionId, resourceToken)}'
   scope: subscription(subscriptionId)
   params: {
     principalId: identity.outputs.principalId
@@ -209,7 +209,7 @@ module topicSenders 'modules/system-topic-sender.bicep' = [for (subscriptionId, 
 }]
 
 module vmWrites 'modules/vm-write-subscription.bicep' = [for subscriptionId in watchedSubscriptionIds: {
-  name: 'vmbackup-vm-writes-${resourceToken}'
+  name: 'vmbackup-vm-writes-${uniqueString(subscriptionId, resourceToken)}'
   scope: resourceGroup(subscriptionId, eventsResourceGroupName)
   dependsOn: [
     watched
@@ -224,7 +224,7 @@ module vmWrites 'modules/vm-write-subscription.bicep' = [for subscriptionId in w
 // Roles in the resource groups, vaults, key vaults and staging accounts in scope. Each module
 // comments why its role is needed.
 module groupAccess 'modules/resource-group-access.bicep' = [for id in resourceGroupIds: {
-  name: 'vmbackup-rg-access-${resourceToken}'
+  name: 'vmbackup-rg-access-${uniqueString(id, resourceToken)}'
   scope: resourceGroup(split(id, '/')[2], split(id, '/')[4])
   params: {
     principalId: identity.outputs.principalId

@@ -65,9 +65,6 @@ resource namespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' = {
     name: 'Standard'
     tier: 'Standard'
   }
-  identity: {
-    type: 'SystemAssigned'
-  }
   properties: {
     disableLocalAuth: true
     minimumTlsVersion: '1.2'
