@@ -27,6 +27,83 @@ enum Command {
     },
     /// Run the Azure simulator alone (ARM paths at the root of ADDR, managed identity, data planes).
     Simulator(vmbackup::simulator::cli::SimulatorArgs),
+    /// Enqueue a restore request (`vmbackup.restore.requested`) on the restore-requests queue, through
+    /// the Service Bus the environment configures (as for the handler).
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// ARM id of the VM to restore.
+    #[arg(long)]
+    vm: String,
+    /// The ticket id (one restore per ticket).
+    #[arg(long)]
+    ticket: String,
+    /// `latest`, a recovery point id, or an RFC 3339 time (the newest point at or before it).
+    #[arg(long)]
+    recovery_point: Option<String>,
+    /// ARM id of the resource group to restore into (default: the VM's).
+    #[arg(long)]
+    target_resource_group: Option<String>,
+    /// ARM id of the staging storage account (default: the app setting).
+    #[arg(long)]
+    staging_storage_account: Option<String>,
+    /// URL the outcome is POSTed to.
+    #[arg(long)]
+    callback: Option<String>,
+}
+
+async fn enqueue_restore(args: RestoreArgs) -> Result<(), Failure> {
+    use vmbackup::domain::restore::{validate_request, RestoreRequestFields};
+    use vmbackup::events::{CloudEvent, EventData};
+    let fields = RestoreRequestFields {
+        ticket_id: Some(args.ticket),
+        vm_id: Some(args.vm),
+        mode: None,
+        recovery_point: args.recovery_point,
+        target_resource_group: args.target_resource_group,
+        staging_storage_account: args.staging_storage_account,
+        callback_url: args.callback,
+    };
+    let request = validate_request(&fields).map_err(|r| Failure::Usage(r.message))?;
+    let config =
+        vmbackup::azure::AzureConfig::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
+    let service_bus = config.service_bus.as_ref().ok_or_else(|| {
+        Failure::Usage(format!(
+            "no Service Bus configured: set {} (or {})",
+            vmbackup::azure::config::ENV_SERVICEBUS_NAMESPACE,
+            vmbackup::azure::config::ENV_SERVICEBUS_CONNECTION_STRING
+        ))
+    })?;
+    let tokens = std::sync::Arc::new(
+        vmbackup::azure::IdentityTokenSource::from_config(&config)
+            .map_err(|e| Failure::Usage(e.to_string()))?,
+    );
+    let sender = vmbackup::azure::servicebus::ServiceBusSender::new(
+        service_bus,
+        tokens,
+        &config.audiences.service_bus,
+    );
+    let event = CloudEvent::start(fields, Some(request.vm_id.to_string()), chrono::Utc::now())
+        .with_ticket(request.ticket_id.clone());
+    let body = serde_json::to_value(&event).map_err(|e| Failure::Runtime(e.to_string()))?;
+    let message = vmbackup::azure::servicebus::OutgoingMessage {
+        body,
+        message_id: event.id.clone(),
+        correlation_id: Some(event.correlationid.clone()),
+        label: Some(RestoreRequestFields::TYPE.to_string()),
+        scheduled_enqueue_time: None,
+    };
+    sender
+        .send(RestoreRequestFields::QUEUE, &message)
+        .await
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    println!(
+        "restore request for ticket {} enqueued (correlation id {})",
+        request.ticket_id, event.correlationid
+    );
+    Ok(())
 }
 
 /// Exit codes of the contract: 1 runtime failure, 2 bad usage or bad input.
@@ -92,6 +169,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 Failure::Runtime(format!("{e:#}"))
             }
         }),
+        Command::Restore(args) => enqueue_restore(args).await,
         Command::Package { out } => {
             let binary = std::env::current_exe()
                 .map_err(|e| Failure::Runtime(format!("cannot locate the running binary: {e}")))?;

@@ -458,6 +458,32 @@ pub fn ade_extension(os: OsType, keys: &AdeKeys) -> Result<AdeExtension, Rejecti
     })
 }
 
+/// `(vault URI, name, version)` of a Key Vault object URL `{vault URI}{kind}/{name}[/{version}]`,
+/// `kind` being `keys` or `secrets`. The vault URI keeps any path before `kind` (with its trailing
+/// slash): Azure's is the origin, a local simulator's may be path-based.
+pub fn split_object_url(url: &str, kind: &str) -> Option<(String, String, Option<String>)> {
+    let parsed = url::Url::parse(url).ok()?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return None;
+    }
+    let segments: Vec<&str> = parsed.path_segments()?.collect();
+    let at = segments.iter().rposition(|s| *s == kind)?;
+    let name = segments.get(at + 1).filter(|n| !n.is_empty())?.to_string();
+    let version = segments
+        .get(at + 2)
+        .filter(|v| !v.is_empty())
+        .map(|v| v.to_string());
+    if segments.len() > at + 3 {
+        return None;
+    }
+    let mut vault = parsed.clone();
+    vault.set_query(None);
+    vault.set_fragment(None);
+    let prefix: String = segments[..at].iter().map(|s| format!("{s}/")).collect();
+    vault.set_path(&format!("/{prefix}"));
+    Some((vault.to_string(), name, version))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,6 +978,30 @@ mod tests {
             ade_extension(OsType::Linux, &unknown).unwrap_err().code,
             ReasonCode::InvalidRequest
         );
+    }
+
+    #[test]
+    fn key_vault_object_urls_split_into_vault_name_and_version() {
+        assert_eq!(
+            split_object_url("https://kv-ade.vault.azure.net/keys/kek-1/abc", "keys"),
+            Some((
+                "https://kv-ade.vault.azure.net/".into(),
+                "kek-1".into(),
+                Some("abc".into())
+            ))
+        );
+        assert_eq!(
+            split_object_url("http://127.0.0.1:9/keyvault/kv-ade/secrets/bek", "secrets"),
+            Some((
+                "http://127.0.0.1:9/keyvault/kv-ade/".into(),
+                "bek".into(),
+                None
+            ))
+        );
+        assert!(split_object_url("https://kv.vault.azure.net/secrets/bek/1", "keys").is_none());
+        assert!(split_object_url("https://kv.vault.azure.net/keys/", "keys").is_none());
+        assert!(split_object_url("https://kv.vault.azure.net/keys/k/1/extra", "keys").is_none());
+        assert!(split_object_url("ftp://kv/keys/k/1", "keys").is_none());
     }
 
     #[test]

@@ -4,7 +4,11 @@
 //! The workflow never knows whether Azure is real or simulated: [`Deps::from_env`] reads endpoints
 //! and the credential from app settings, as the Functions host (or `vmbackup local`) passes them.
 
+pub mod recreate_vm;
+pub mod reinstall_ade;
+pub mod restore_webhook;
 pub mod settings;
+pub mod start_restore;
 
 use crate::azure::backup::BackupClient;
 use crate::azure::blob::BlobClient;
@@ -98,8 +102,23 @@ impl Deps {
 /// Every function of vmbackup with its trigger and outputs: the single source of truth for
 /// routing, `functions/*/function.json` and `vmbackup package`.
 pub fn app(deps: Arc<Deps>) -> FunctionApp {
-    let _ = deps;
     FunctionApp::new()
+        .function(start_restore::spec(), {
+            let deps = deps.clone();
+            move |inv| start_restore::handle(deps.clone(), inv)
+        })
+        .function(recreate_vm::spec(), {
+            let deps = deps.clone();
+            move |inv| recreate_vm::handle(deps.clone(), inv)
+        })
+        .function(reinstall_ade::spec(), {
+            let deps = deps.clone();
+            move |inv| reinstall_ade::handle(deps.clone(), inv)
+        })
+        .function(restore_webhook::spec(), {
+            let deps = deps.clone();
+            move |inv| restore_webhook::handle(deps.clone(), inv)
+        })
 }
 
 /// The app as declared, for generating its layout (handlers are never called).

@@ -25,12 +25,15 @@ pub const DEFAULT_RETENTION_DAYS: &str = "VMBACKUP_DEFAULT_RETENTION_DAYS";
 pub const ALLOWED_SCOPES: &str = "VMBACKUP_ALLOWED_SCOPES";
 /// Optional URL that notify POSTs every rejection and failure to.
 pub const NOTIFY_WEBHOOK: &str = "VMBACKUP_NOTIFY_WEBHOOK";
+/// ARM id of the storage account restores stage through when a request names none (it must be in
+/// the vault's region and not zone-redundant).
+pub const STAGING_STORAGE_ACCOUNT: &str = "VMBACKUP_STAGING_STORAGE_ACCOUNT";
 
 pub const DEFAULT_DISCOVERY_SCHEDULE: &str = "0 0 * * * *";
 pub const DEFAULT_BACKUP_SCHEDULE: &str = "0 0 2 * * *";
 
 /// Every setting the workflow reads, with its default (empty = none).
-pub const ALL: [(&str, &str); 9] = [
+pub const ALL: [(&str, &str); 10] = [
     (SUBSCRIPTIONS, ""),
     (DISCOVERY_SCHEDULE, DEFAULT_DISCOVERY_SCHEDULE),
     (BACKUP_SCHEDULE, DEFAULT_BACKUP_SCHEDULE),
@@ -40,6 +43,7 @@ pub const ALL: [(&str, &str); 9] = [
     (DEFAULT_RETENTION_DAYS, "30"),
     (ALLOWED_SCOPES, ""),
     (NOTIFY_WEBHOOK, ""),
+    (STAGING_STORAGE_ACCOUNT, ""),
 ];
 
 /// A setting that cannot be used, named.
@@ -67,6 +71,8 @@ pub struct Settings {
     pub default_retention_days: u32,
     pub allowed_scopes: Vec<ResourceId>,
     pub notify_webhook: Option<url::Url>,
+    /// Default staging storage account of restores.
+    pub staging_storage_account: Option<ResourceId>,
     /// How long a running VM's agent is waited for before `VmAgentNotReady`.
     pub agent_recheck_delay: Duration,
 }
@@ -80,6 +86,7 @@ impl Default for Settings {
             default_retention_days: 30,
             allowed_scopes: Vec::new(),
             notify_webhook: None,
+            staging_storage_account: None,
             agent_recheck_delay: Duration::from_secs(300),
         }
     }
@@ -143,8 +150,24 @@ impl Settings {
                 })
             })
             .transpose()?;
+        let staging_storage_account = get(STAGING_STORAGE_ACCOUNT)
+            .map(|text| {
+                ResourceId::parse(text.trim())
+                    .map_err(|e| e.to_string())
+                    .and_then(|id| {
+                        id.expect_type(crate::domain::resource_id::types::STORAGE_ACCOUNT)
+                            .map_err(|e| e.to_string())?;
+                        Ok(id)
+                    })
+                    .map_err(|message| SettingError {
+                        name: STAGING_STORAGE_ACCOUNT,
+                        message,
+                    })
+            })
+            .transpose()?;
         Ok(Settings {
             subscriptions: list(get(SUBSCRIPTIONS)),
+            staging_storage_account,
             backup_management_service_object_id: get(BACKUP_MANAGEMENT_SERVICE_OBJECT_ID),
             key_vault_role,
             default_retention_days,
@@ -208,6 +231,10 @@ mod tests {
             (KEY_VAULT_ROLE, "owner"),
             (ALLOWED_SCOPES, "rg-app"),
             (NOTIFY_WEBHOOK, "not a url"),
+            (
+                STAGING_STORAGE_ACCOUNT,
+                "/subscriptions/s/resourceGroups/rg",
+            ),
         ] {
             let err = Settings::from_lookup(lookup(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name);

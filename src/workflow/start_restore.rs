@@ -1,0 +1,645 @@
+//! `start-restore` (`restore.requested`): validate a ticket's restore request against the VM's
+//! protection, its recovery points and the app's scopes, then start the Azure Backup restore
+//! (`RestoreDisks` for every ADE VM) and hand the job to track-job (`job.started`), or answer
+//! `restore.rejected` with a reason code.
+//!
+//! The queue accepts the CloudEvent `vmbackup.restore.requested` and, for ticket systems that cannot
+//! build a CloudEvent, the bare request JSON (`RestoreRequestFields`).
+//!
+//! One restore per ticket: before triggering, the source VM gets the tag
+//! `vmbackup-restore-<ticket>` = `pending:<time>`, then `job:<id>` once Azure accepted the restore.
+//! A later request with the same ticket finds the tag (in flight, or done when the job completed) or
+//! the restored VM (done, tag already removed by reinstall-ade) and starts nothing.
+
+use super::Deps;
+use crate::azure::backup::{
+    EncryptionDetails, IaasVmRestoreRequest, KeyAndSecretDetails, ProtectedItemRef, RecoveryType,
+};
+use crate::azure::compute::{TagsOperation, VirtualMachine};
+use crate::azure::AzureError;
+use crate::domain::encryption::{AdeKeys, EncryptionKind, Kek};
+use crate::domain::restore::{
+    choose_recovery_point, plan_restore, split_object_url, validate_request, AllowedScopes,
+    AzureRecoveryType, RecoveryPoint, RecoveryPointSelector, RestoreContext as PlanContext,
+    RestoreRequestFields,
+};
+use crate::domain::{ReasonCode, Rejection, ResourceId};
+use crate::events::{
+    queues, CloudEvent, EventData, JobStarted, RestoreContext, RestoreFailed, RestoreRejected,
+    TrackedJob,
+};
+use crate::runtime::{FunctionSpec, HandlerError, Invocation, OutputBinding, Outputs, Trigger};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub const NAME: &str = "start-restore";
+/// Output binding for `restore.rejected` / `restore.failed`.
+pub const OUTCOME: &str = "outcome";
+/// Output binding for `job.started` when no Service Bus sender is configured (sent at once).
+pub const TRACKING: &str = "tracking";
+
+pub fn spec() -> FunctionSpec {
+    FunctionSpec::new(NAME, Trigger::service_bus(queues::RESTORE_REQUESTS))
+        .output(OutputBinding::service_bus(OUTCOME, queues::OUTCOMES))
+        .output(OutputBinding::service_bus(TRACKING, queues::JOB_TRACKING))
+}
+
+/// The tag on the source VM that marks a ticket's restore.
+pub fn ticket_tag(ticket_id: &str) -> String {
+    format!("vmbackup-restore-{}", ticket_id.to_ascii_lowercase())
+}
+
+const PENDING_PREFIX: &str = "pending:";
+const JOB_PREFIX: &str = "job:";
+
+/// A transient Azure error becomes a retry; anything else is returned for the caller to report.
+pub(crate) fn transient_or(error: AzureError) -> Result<AzureError, HandlerError> {
+    if error.is_transient() {
+        Err(HandlerError::transient(error))
+    } else {
+        Ok(error)
+    }
+}
+
+/// Azure's own error code, when the error carries one.
+pub(crate) fn azure_code(error: &AzureError) -> Option<String> {
+    match error {
+        AzureError::Arm(e) => Some(e.error.code.clone()),
+        AzureError::OperationFailed { error, .. } => Some(error.code.clone()),
+        _ => None,
+    }
+}
+
+/// `restore.failed` for a step that Azure refused for good.
+pub(crate) fn restore_failed<T: EventData>(
+    cause: &CloudEvent<T>,
+    restore: &RestoreContext,
+    message: String,
+    error: Option<&AzureError>,
+    now: DateTime<Utc>,
+) -> CloudEvent<RestoreFailed> {
+    cause.follow(
+        RestoreFailed {
+            ticket_id: restore.ticket_id.clone(),
+            vm_id: restore.vm_id.clone(),
+            reason: ReasonCode::JobFailed,
+            message,
+            azure_code: error.and_then(azure_code),
+            callback_url: restore.callback_url.clone(),
+        },
+        "",
+        now,
+    )
+}
+
+/// The request as a CloudEvent: the envelope as sent, or a bare body wrapped with an id derived from
+/// the message id (so a redelivery yields the same follow-up ids).
+fn request_event(
+    value: Value,
+    message_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<CloudEvent<RestoreRequestFields>, Rejection> {
+    if value.get("specversion").is_some() {
+        let envelope: CloudEvent<Value> =
+            serde_json::from_value(value).map_err(|e| Rejection::invalid_field("message", e))?;
+        CloudEvent::<RestoreRequestFields>::check_envelope(&envelope)
+            .map_err(|e| Rejection::invalid_field("message", e))?;
+        let (envelope, data) = envelope.replace_data(());
+        let data: RestoreRequestFields =
+            serde_json::from_value(data).map_err(|e| Rejection::invalid_field("data", e))?;
+        return Ok(envelope.replace_data(data).0);
+    }
+    let fields: RestoreRequestFields =
+        serde_json::from_value(value.clone()).map_err(|e| Rejection::invalid_field("body", e))?;
+    let id = match message_id {
+        Some(id) => id.to_string(),
+        None => {
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, value.to_string().as_bytes()).to_string()
+        }
+    };
+    let subject = fields.vm_id.clone();
+    let ticket = fields.ticket_id.clone();
+    let mut event = CloudEvent::start_with_id(fields, subject, now, id);
+    event.ticketid = ticket;
+    Ok(event)
+}
+
+fn rejected(
+    cause: &CloudEvent<RestoreRequestFields>,
+    rejection: Rejection,
+    now: DateTime<Utc>,
+) -> CloudEvent<RestoreRejected> {
+    let fields = &cause.data;
+    cause.follow(
+        RestoreRejected {
+            ticket_id: fields.ticket_id.clone(),
+            vm_id: fields.vm_id.clone(),
+            reason: rejection.code,
+            message: rejection.message,
+            callback_url: fields.callback_url.clone(),
+        },
+        "",
+        now,
+    )
+}
+
+fn allowed_scopes(deps: &Deps) -> AllowedScopes {
+    let mut scopes = AllowedScopes::default();
+    for scope in deps.settings.effective_scopes() {
+        if scope.is_subscription() {
+            scopes
+                .subscriptions
+                .push(scope.subscription_id().to_string());
+        } else {
+            scopes.resource_groups.push(scope);
+        }
+    }
+    scopes
+}
+
+/// Where the VM is protected, found through Resource Graph's `RecoveryServicesResources` (the
+/// protected item outlives a deleted VM): the item and the vault's region.
+async fn find_protected_item(
+    deps: &Deps,
+    vm_id: &ResourceId,
+) -> Result<Option<(ProtectedItemRef, String)>, AzureError> {
+    // ARM ids hold no quotes; a VM id that passed validation cannot break out of the literal.
+    let query = format!(
+        "RecoveryServicesResources | where type =~ 'microsoft.recoveryservices/vaults/backupfabrics/protectioncontainers/protecteditems' and properties.sourceResourceId =~ '{vm_id}' | project id, location, properties"
+    );
+    let rows = deps
+        .graph
+        .query(&query, &[vm_id.subscription_id().to_string()])
+        .await?;
+    for row in rows {
+        let state = row
+            .pointer("/properties/protectionState")
+            .and_then(Value::as_str);
+        // A stopped protection with retained data still restores from its recovery points.
+        if state == Some("NotProtected") {
+            continue;
+        }
+        let Some(vault_id) = row.pointer("/properties/vaultId").and_then(Value::as_str) else {
+            continue;
+        };
+        let location = row["location"].as_str().unwrap_or_default().to_string();
+        let item = ProtectedItemRef::for_vm(vault_id, &vm_id.to_string())?;
+        return Ok(Some((item, location)));
+    }
+    Ok(None)
+}
+
+/// The encryption a recovery point was taken with (ADE from its `keyAndSecret`), else what the VM
+/// shows now (CMK, encryption at host, platform keys).
+fn encryption_of(
+    key_and_secret: Option<&KeyAndSecretDetails>,
+    vm: Option<&VirtualMachine>,
+) -> Result<EncryptionKind, Rejection> {
+    if let Some(bek) = key_and_secret.and_then(|ks| ks.bek_details.as_ref()) {
+        let vault = bek.secret_vault_id.as_deref().ok_or_else(|| {
+            Rejection::invalid_field(
+                "keyAndSecret.bekDetails.secretVaultId",
+                "is missing on the recovery point",
+            )
+        })?;
+        let key_vault = ResourceId::parse(vault)
+            .map_err(|e| Rejection::invalid_field("keyAndSecret.bekDetails.secretVaultId", e))?;
+        let kek = match key_and_secret.and_then(|ks| ks.kek_details.as_ref()) {
+            Some(kek) => match (&kek.key_url, &kek.key_vault_id) {
+                (Some(url), vault_id) => Some(Kek {
+                    key_vault: match vault_id {
+                        Some(id) => ResourceId::parse(id).map_err(|e| {
+                            Rejection::invalid_field("keyAndSecret.kekDetails.keyVaultId", e)
+                        })?,
+                        None => key_vault.clone(),
+                    },
+                    key_url: url.clone(),
+                }),
+                (None, _) => None,
+            },
+            None => None,
+        };
+        return Ok(EncryptionKind::Ade(AdeKeys {
+            key_vault_url: bek
+                .secret_url
+                .as_deref()
+                .and_then(|url| split_object_url(url, "secrets"))
+                .map(|(vault_uri, _, _)| vault_uri),
+            key_vault,
+            secret_url: bek.secret_url.clone(),
+            kek,
+        }));
+    }
+    let Some(vm) = vm else {
+        return Ok(EncryptionKind::Pmk);
+    };
+    let des = vm
+        .properties
+        .storage_profile
+        .os_disk
+        .as_ref()
+        .and_then(|d| d.managed_disk.as_ref())
+        .and_then(|m| m.disk_encryption_set.as_ref())
+        .map(|des| des.id.clone())
+        .filter(|id| !id.is_empty());
+    if let Some(des) = des {
+        if let Ok(disk_encryption_set) = ResourceId::parse(&des) {
+            return Ok(EncryptionKind::Cmk {
+                disk_encryption_set,
+            });
+        }
+    }
+    let at_host = vm
+        .properties
+        .security_profile
+        .as_ref()
+        .and_then(|s| s.encryption_at_host)
+        .unwrap_or(false);
+    Ok(if at_host {
+        EncryptionKind::Host
+    } else {
+        EncryptionKind::Pmk
+    })
+}
+
+fn encryption_details(ks: Option<&KeyAndSecretDetails>) -> EncryptionDetails {
+    let Some(ks) = ks.filter(|ks| ks.bek_details.is_some()) else {
+        return EncryptionDetails::default();
+    };
+    let bek = ks.bek_details.as_ref();
+    let kek = ks.kek_details.as_ref();
+    EncryptionDetails {
+        encryption_enabled: true,
+        kek_url: kek.and_then(|k| k.key_url.clone()),
+        secret_key_url: bek.and_then(|b| b.secret_url.clone()),
+        kek_vault_id: kek.and_then(|k| k.key_vault_id.clone()),
+        secret_key_vault_id: bek.and_then(|b| b.secret_vault_id.clone()),
+    }
+}
+
+/// What an earlier request with this ticket left behind.
+enum Earlier {
+    Nothing,
+    /// A restore job that is running or completed: nothing more to start.
+    Job(String),
+    /// The restored VM exists: the restore is done.
+    Done,
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Look for this ticket's earlier restore: the restored VM, the tag's job, or (after a crash between
+/// the trigger and the tag update) a restore job of this VM started since the tag was written.
+async fn earlier_restore(
+    deps: &Deps,
+    vm: Option<&VirtualMachine>,
+    vault_id: &str,
+    vm_id: &ResourceId,
+    target: &ResourceId,
+    restored_vm_name: &str,
+    ticket_id: &str,
+) -> Result<Earlier, AzureError> {
+    let restored =
+        format!("{target}/providers/Microsoft.Compute/virtualMachines/{restored_vm_name}");
+    match deps.compute.get_vm(&restored, false).await {
+        Ok(_) => return Ok(Earlier::Done),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e),
+    }
+    let Some(marker) = vm.and_then(|vm| vm.tags.get(&ticket_tag(ticket_id))) else {
+        return Ok(Earlier::Nothing);
+    };
+    let live = |status: Option<&str>| !matches!(status, Some("Failed" | "Cancelled"));
+    if let Some(job_id) = marker.strip_prefix(JOB_PREFIX) {
+        return match deps.backup.get_job(vault_id, job_id).await {
+            Ok(job) if live(job.properties.status.as_deref()) => Ok(Earlier::Job(job_id.into())),
+            Ok(_) => Ok(Earlier::Nothing),
+            Err(e) if e.is_not_found() => Ok(Earlier::Nothing),
+            Err(e) => Err(e),
+        };
+    }
+    if let Some(since) = marker.strip_prefix(PENDING_PREFIX).and_then(parse_time) {
+        let filter = format!(
+            "operation eq 'Restore' and startTime eq '{}'",
+            since.to_rfc3339_opts(SecondsFormat::Secs, true)
+        );
+        let jobs = deps.backup.list_jobs(vault_id, Some(&filter)).await?;
+        let vm_name = vm_id.name();
+        if let Some(job) = jobs.iter().find(|j| {
+            j.properties
+                .entity_friendly_name
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case(vm_name))
+                && live(j.properties.status.as_deref())
+        }) {
+            return Ok(Earlier::Job(job.name.clone()));
+        }
+    }
+    Ok(Earlier::Nothing)
+}
+
+async fn mark(
+    deps: &Deps,
+    vm_id: &ResourceId,
+    ticket_id: &str,
+    value: String,
+) -> Result<(), AzureError> {
+    let tags = BTreeMap::from([(ticket_tag(ticket_id), value)]);
+    deps.compute
+        .update_tags(&vm_id.to_string(), TagsOperation::Merge, &tags)
+        .await
+        .map(|_| ())
+}
+
+pub async fn handle(
+    deps: Arc<Deps>,
+    invocation: Invocation<Value>,
+) -> Result<Outputs, HandlerError> {
+    let now = deps.clock.now();
+    let mut outputs = Outputs::new();
+    let message_id = invocation
+        .metadata
+        .service_bus()
+        .and_then(|m| m.message_id.clone());
+    let event = match request_event(invocation.data, message_id.as_deref(), now) {
+        Ok(event) => event,
+        Err(rejection) => {
+            // Not even an envelope: reject with what can be said.
+            tracing::warn!(reason = %rejection, "restore request is malformed");
+            let empty = CloudEvent::start_with_id(
+                RestoreRequestFields::default(),
+                None,
+                now,
+                message_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            );
+            outputs.push(OUTCOME, &rejected(&empty, rejection, now))?;
+            return Ok(outputs);
+        }
+    };
+    match start(&deps, &event, now).await? {
+        Started::Rejected(rejection) => {
+            tracing::info!(reason = %rejection.code, message = %rejection.message, "restore rejected");
+            outputs.push(OUTCOME, &rejected(&event, rejection, now))?;
+        }
+        Started::Failed(failed) => outputs.push(OUTCOME, &*failed)?,
+        Started::Earlier(what) => {
+            tracing::info!(ticket = ?event.data.ticket_id, %what, "restore already started for this ticket; nothing new started");
+        }
+        Started::Job(job_started) => {
+            let delay = crate::domain::backup::JobTrackingPolicy::restore().first_delay;
+            match &deps.sender {
+                Some(sender) => {
+                    let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                    let message = crate::azure::servicebus::OutgoingMessage {
+                        body: serde_json::to_value(&job_started)
+                            .map_err(HandlerError::transient)?,
+                        message_id: job_started.id.clone(),
+                        correlation_id: Some(job_started.correlationid.clone()),
+                        label: Some(JobStarted::TYPE.to_string()),
+                        scheduled_enqueue_time: Some(at),
+                    };
+                    sender
+                        .send(JobStarted::QUEUE, &message)
+                        .await
+                        .map_err(HandlerError::transient)?;
+                }
+                None => outputs.push(TRACKING, &job_started)?,
+            }
+        }
+    }
+    Ok(outputs)
+}
+
+/// What a request came to.
+enum Started {
+    Rejected(Rejection),
+    Failed(Box<CloudEvent<RestoreFailed>>),
+    /// This ticket's restore exists already (what was found).
+    Earlier(String),
+    Job(Box<CloudEvent<JobStarted>>),
+}
+
+async fn start(
+    deps: &Deps,
+    event: &CloudEvent<RestoreRequestFields>,
+    now: DateTime<Utc>,
+) -> Result<Started, HandlerError> {
+    let request = match validate_request(&event.data) {
+        Ok(request) => request,
+        Err(rejection) => return Ok(Started::Rejected(rejection)),
+    };
+    let scopes = allowed_scopes(deps);
+    if !scopes.allows(&request.vm_id) {
+        // Checked before any Azure read: the app must not even look at VMs outside its scopes.
+        return Ok(Started::Rejected(Rejection::new(
+            ReasonCode::ScopeNotAllowed,
+            format!("VM {} is outside the allowed scopes", request.vm_id),
+        )));
+    }
+    let vm_text = request.vm_id.to_string();
+    let vm = match deps.compute.get_vm(&vm_text, false).await {
+        Ok(vm) => Some(vm),
+        // A deleted VM can still be restored from its recovery points.
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(HandlerError::transient(format!("reading the VM: {e}"))),
+    };
+    let protected = find_protected_item(deps, &request.vm_id)
+        .await
+        .map_err(|e| HandlerError::transient(format!("finding the VM's protected item: {e}")))?;
+    let mut points = Vec::new();
+    let mut key_and_secret = None;
+    let mut point_os_type = None;
+    if let Some((item, _)) = &protected {
+        let listed = deps
+            .backup
+            .list_recovery_points(item, None)
+            .await
+            .map_err(|e| HandlerError::transient(format!("listing recovery points: {e}")))?;
+        points = listed
+            .iter()
+            .filter_map(|rp| {
+                Some(RecoveryPoint {
+                    id: rp.name.clone(),
+                    time: rp.properties.recovery_point_time?,
+                })
+            })
+            .collect();
+        // The encryption of the point to restore (or of the newest one, for the mode checks).
+        let pick = choose_recovery_point(&points, &request.recovery_point)
+            .or_else(|| choose_recovery_point(&points, &RecoveryPointSelector::Latest));
+        if let Some(pick) = pick {
+            let rp = deps
+                .backup
+                .get_recovery_point(item, &pick.id)
+                .await
+                .map_err(|e| HandlerError::transient(format!("reading recovery point: {e}")))?;
+            key_and_secret = rp.properties.key_and_secret;
+            point_os_type = rp.properties.os_type;
+        }
+    }
+    let encryption = match encryption_of(key_and_secret.as_ref(), vm.as_ref()) {
+        Ok(kind) => kind,
+        Err(rejection) => return Ok(Started::Rejected(rejection)),
+    };
+    let plan = match plan_restore(
+        &request,
+        &scopes,
+        PlanContext {
+            encryption: &encryption,
+            protected: protected.is_some(),
+            recovery_points: &points,
+        },
+    ) {
+        Ok(plan) => plan,
+        Err(rejection) => return Ok(Started::Rejected(rejection)),
+    };
+    let Some((item, vault_location)) = protected else {
+        return Ok(Started::Rejected(Rejection::new(
+            ReasonCode::NotProtected,
+            format!("VM {} is not protected", request.vm_id.name()),
+        )));
+    };
+    let staging = match request
+        .staging_storage_account
+        .clone()
+        .or_else(|| deps.settings.staging_storage_account.clone())
+    {
+        Some(account) => account,
+        None => {
+            return Ok(Started::Rejected(Rejection::invalid_field(
+                "stagingStorageAccount",
+                format!(
+                    "is required when the app setting {} is not set",
+                    super::settings::STAGING_STORAGE_ACCOUNT
+                ),
+            )))
+        }
+    };
+    let restore = RestoreContext {
+        ticket_id: request.ticket_id.clone(),
+        vm_id: request.vm_id.clone(),
+        mode: request.mode.as_str().to_string(),
+        recovery_point_id: plan.recovery_point.id.clone(),
+        target_resource_group_id: plan.target_resource_group.clone(),
+        restored_vm_name: plan.restored_vm_name.clone(),
+        deployment_name: plan.deployment_name.clone(),
+        encryption,
+        os_type: os_type_of(point_os_type.as_deref(), vm.as_ref()),
+        callback_url: request.callback_url.as_ref().map(|u| u.to_string()),
+    };
+    let earlier = earlier_restore(
+        deps,
+        vm.as_ref(),
+        &item.vault_id,
+        &request.vm_id,
+        &plan.target_resource_group,
+        &plan.restored_vm_name,
+        &request.ticket_id,
+    )
+    .await
+    .map_err(|e| HandlerError::transient(format!("looking for an earlier restore: {e}")))?;
+    match earlier {
+        Earlier::Done => {
+            return Ok(Started::Earlier(format!(
+                "restored VM {} exists",
+                plan.restored_vm_name
+            )))
+        }
+        Earlier::Job(job) => return Ok(Started::Earlier(format!("restore job {job}"))),
+        Earlier::Nothing => {}
+    }
+    if vm.is_some() {
+        let pending = format!(
+            "{PENDING_PREFIX}{}",
+            now.to_rfc3339_opts(SecondsFormat::Secs, true)
+        );
+        if let Err(e) = mark(deps, &request.vm_id, &request.ticket_id, pending).await {
+            // The marker guards against a second restore; without it, do not start one.
+            return Err(HandlerError::transient(format!(
+                "tagging the VM for the ticket: {e}"
+            )));
+        }
+    }
+    let mut azure_request = IaasVmRestoreRequest::restore_disks(
+        &plan.recovery_point.id,
+        &vm_text,
+        &vault_location,
+        &staging.to_string(),
+        Some(&plan.target_resource_group.to_string()),
+        encryption_details(key_and_secret.as_ref()),
+    );
+    azure_request.recovery_type = match plan.recovery_type {
+        AzureRecoveryType::RestoreDisks => RecoveryType::RestoreDisks,
+        AzureRecoveryType::OriginalLocation => RecoveryType::OriginalLocation,
+        AzureRecoveryType::AlternateLocation => RecoveryType::AlternateLocation,
+    };
+    if plan.recovery_type == AzureRecoveryType::OriginalLocation {
+        azure_request.target_virtual_machine_id = Some(vm_text.clone());
+    }
+    let job_id = match deps.backup.trigger_restore(&item, &azure_request).await {
+        Ok(Some(job_id)) => job_id,
+        Ok(None) => {
+            return Err(HandlerError::transient(
+                "Azure accepted the restore but named no job",
+            ))
+        }
+        Err(e) => {
+            let e = transient_or(e)?;
+            return Ok(Started::Failed(Box::new(restore_failed(
+                event,
+                &restore,
+                format!(
+                    "Azure refused the {} restore: {e}",
+                    plan.recovery_type.as_str()
+                ),
+                Some(&e),
+                now,
+            ))));
+        }
+    };
+    if vm.is_some() {
+        if let Err(e) = mark(
+            deps,
+            &request.vm_id,
+            &request.ticket_id,
+            format!("{JOB_PREFIX}{job_id}"),
+        )
+        .await
+        {
+            // The pending marker still finds this job by its start time.
+            tracing::warn!(error = %e, "could not record the restore job on the VM's tag");
+        }
+    }
+    tracing::info!(ticket = %request.ticket_id, %job_id, recovery_point = %plan.recovery_point.id, "restore started");
+    let vault_id = ResourceId::parse(&item.vault_id)
+        .map_err(|e| HandlerError::transient(format!("vault id: {e}")))?;
+    Ok(Started::Job(Box::new(event.follow(
+        JobStarted {
+            vm_id: request.vm_id.clone(),
+            vault_id,
+            job_id,
+            started_at: now,
+            checks: 0,
+            job: TrackedJob::Restore(restore),
+        },
+        "",
+        now,
+    ))))
+}
+
+/// `linux` | `windows`: the recovery point's OS (what is restored), else the VM's.
+fn os_type_of(point_os_type: Option<&str>, vm: Option<&VirtualMachine>) -> String {
+    point_os_type
+        .or_else(|| {
+            vm.and_then(|vm| vm.properties.storage_profile.os_disk.as_ref())
+                .and_then(|d| d.os_type.as_deref())
+        })
+        .unwrap_or("linux")
+        .to_ascii_lowercase()
+}
