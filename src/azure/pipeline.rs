@@ -315,6 +315,9 @@ impl ArmClient {
                 }
             }
             let outcome = self.attempt(&request, &scope, class).await;
+            if request.arm_throttled {
+                inner.throttle.release(&scope, class, inner.timer.now());
+            }
             tracing::Span::current().record("attempts", attempt);
             let (error, retry_after) = match outcome {
                 Attempt::Done(response) => return Ok(response),

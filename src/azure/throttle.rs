@@ -88,13 +88,20 @@ struct Bucket {
     /// Negative when reservations lie in the future.
     tokens: f64,
     updated: DateTime<Utc>,
+    /// Requests reserved and not yet answered: ARM counts them when they arrive, which may be
+    /// later than we reserved them.
+    in_flight: u32,
 }
 
 impl Bucket {
     fn refill(&mut self, limits: BucketLimits, now: DateTime<Utc>) {
         let elapsed = (now - self.updated).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
         if elapsed > 0.0 {
-            self.tokens = (self.tokens + elapsed * limits.refill_per_sec).min(limits.capacity);
+            // ARM's bucket stops filling at capacity while our in-flight requests have not reached
+            // it yet; so ours stops that many tokens short, or a burst sent after a lag finds it dry.
+            let ceiling = limits.capacity - f64::from(self.in_flight);
+            self.tokens =
+                (self.tokens + elapsed * limits.refill_per_sec).min(ceiling.max(self.tokens));
             self.updated = now;
         }
     }
@@ -144,13 +151,25 @@ impl ArmThrottle {
         let bucket = buckets.entry((scope.to_string(), class)).or_insert(Bucket {
             tokens: limits.capacity,
             updated: now,
+            in_flight: 0,
         });
         bucket.refill(limits, now);
         bucket.tokens -= 1.0;
+        bucket.in_flight += 1;
         if bucket.tokens >= 0.0 {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(-bucket.tokens / limits.refill_per_sec)
+        }
+    }
+
+    /// Marks a reserved request as answered (or abandoned): ARM has counted it, or never will.
+    pub fn release(&self, scope: &str, class: OpClass, now: DateTime<Utc>) {
+        let limits = self.limits.of(class);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bucket) = buckets.get_mut(&(scope.to_string(), class)) {
+            bucket.refill(limits, now);
+            bucket.in_flight = bucket.in_flight.saturating_sub(1);
         }
     }
 
@@ -208,9 +227,34 @@ mod tests {
             throttle.reserve("other", OpClass::Read, t(0)),
             Duration::ZERO
         );
-        // After 10 s the read bucket has refilled 250 tokens minus the 10 borrowed.
+        // Once answered, after 10 s the read bucket has refilled 250 tokens minus the 10 borrowed.
+        for _ in 0..260 {
+            throttle.release("sub", OpClass::Read, t(0));
+        }
         assert_eq!(
             throttle.reserve("sub", OpClass::Read, t(10_000)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn unanswered_requests_keep_the_bucket_short_of_capacity() {
+        let limits = ThrottleLimits::default();
+        let throttle = ArmThrottle::new(limits);
+        for _ in 0..200 {
+            assert_eq!(
+                throttle.reserve("sub", OpClass::Write, t(0)),
+                Duration::ZERO
+            );
+        }
+        // 10 s later ARM may not have counted any of the 200 yet (its bucket is still full), so
+        // the 100 tokens refilled meanwhile are not ours to spend until they are answered.
+        assert!(throttle.reserve("sub", OpClass::Write, t(10_000)) > Duration::ZERO);
+        for _ in 0..201 {
+            throttle.release("sub", OpClass::Write, t(10_000));
+        }
+        assert_eq!(
+            throttle.reserve("sub", OpClass::Write, t(20_000)),
             Duration::ZERO
         );
     }

@@ -96,6 +96,44 @@ pub fn route(state: &mut SimState, req: &Request) -> Option<Reply> {
         });
     }
     if let Some(c) = r(Method::PUT, "backuppolicies/{}") {
+        let body = match req.json_body() {
+            Ok(b) => b,
+            Err(e) => return Some(e),
+        };
+        let Some(properties) = body.get("properties").filter(|p| p.is_object()) else {
+            return Some(Reply::bad_request(
+                "BMSUserErrorInvalidInput",
+                "The policy's 'properties' are required.",
+            ));
+        };
+        if !properties
+            .get("backupManagementType")
+            .and_then(Value::as_str)
+            .is_some_and(|t| same(t, "AzureIaasVM"))
+        {
+            return Some(Reply::bad_request(
+                "BMSUserErrorInvalidInput",
+                "The simulator serves AzureIaasVM policies only (properties.backupManagementType).",
+            ));
+        }
+        let mut properties = properties.clone();
+        // Azure Backup stores a simple (daily) schedule with a weekly frequency of 0.
+        if let Some(schedule) = properties
+            .get_mut("schedulePolicy")
+            .and_then(Value::as_object_mut)
+        {
+            let simple = schedule
+                .get("schedulePolicyType")
+                .and_then(Value::as_str)
+                .is_some_and(|t| same(t, "SimpleSchedulePolicy"));
+            if simple && !schedule.contains_key("scheduleWeeklyFrequency") {
+                schedule.insert("scheduleWeeklyFrequency".into(), json!(0));
+            }
+        }
+        state.policy_definitions.insert(
+            format!("{}/backuppolicies/{}", vault.id(), c[0]).to_ascii_lowercase(),
+            properties,
+        );
         if let Some(v) = state
             .recovery_vaults
             .iter_mut()
@@ -322,8 +360,10 @@ fn render_vault(vault: &RecoveryVault) -> Value {
             "publicNetworkAccess": "Enabled",
             "redundancySettings": { "crossRegionRestore": "Disabled", "standardTierStorageRedundancy": "GeoRedundant" },
             "securitySettings": { "softDeleteSettings": { "softDeleteState": "Enabled", "softDeleteRetentionPeriodInDays": 14, "enhancedSecurityState": "Enabled" },
-                                   "immutabilitySettings": { "state": "Disabled" } },
-            "monitoringSettings": { "azureMonitorAlertSettings": { "alertsForAllJobFailures": "Enabled" }, "classicAlertSettings": { "alertsForCriticalOperations": "Disabled" } },
+                                   "immutabilitySettings": { "state": "Disabled" }, "multiUserAuthorization": "Disabled",
+                                   "sourceScanConfiguration": { "state": "Disabled" } },
+            "monitoringSettings": { "azureMonitorAlertSettings": { "alertsForAllJobFailures": "Enabled", "alertsForAllFailoverIssues": "Disabled", "alertsForAllReplicationIssues": "Enabled" },
+                                    "classicAlertSettings": { "alertsForCriticalOperations": "Disabled", "emailNotificationsForSiteRecovery": "Enabled" } },
             "privateEndpointConnections": [],
             "secureScore": "Minimum", "bcdrSecurityLevel": "Fair"
         }
@@ -369,6 +409,12 @@ fn render_policy(state: &SimState, vault: &RecoveryVault, name: &str) -> Value {
         .iter()
         .filter(|p| same(&p.vault_id, &vault.id()) && same(&p.policy, name))
         .count();
+    let id = format!("{}/backupPolicies/{name}", vault.id());
+    if let Some(properties) = state.policy_definitions.get(&id.to_ascii_lowercase()) {
+        let mut properties = properties.clone();
+        properties["protectedItemsCount"] = json!(count);
+        return json!({ "id": id, "name": name, "type": "Microsoft.RecoveryServices/vaults/backupPolicies", "properties": properties });
+    }
     let at = "2026-01-01T02:00:00Z";
     json!({
         "id": format!("{}/backupPolicies/{name}", vault.id()), "name": name, "type": "Microsoft.RecoveryServices/vaults/backupPolicies",

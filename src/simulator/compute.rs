@@ -113,7 +113,7 @@ pub fn route(state: &mut SimState, req: &Request) -> Option<Reply> {
         });
         return Some(match found {
             Some(des) => Reply::ok(json!({
-                "id": des.id(), "name": des.name, "type": "Microsoft.Compute/diskEncryptionSets", "location": des.location,
+                "id": des.id(), "name": des.name, "type": "Microsoft.Compute/diskEncryptionSets", "location": des.location, "tags": {},
                 "identity": { "type": "SystemAssigned", "principalId": des.principal_id, "tenantId": super::state::TENANT_ID },
                 "properties": {
                     "activeKey": { "sourceVault": { "id": des.key_vault_id }, "keyUrl": des.key_url },
@@ -220,12 +220,24 @@ pub fn render_vm(state: &SimState, vm: &Vm, expand_instance_view: bool) -> Value
     if let (Some(profile), Some(config)) = (os_profile.as_object_mut(), os_config.as_object()) {
         profile.extend(config.clone());
     }
+    let mut storage_profile = json!({ "osDisk": os_json, "dataDisks": data_disks });
+    if os_disk.is_none_or(|d| d.create_option == "FromImage") {
+        storage_profile["imageReference"] = vm
+            .image_reference
+            .clone()
+            .unwrap_or_else(|| image_reference(vm.os));
+    }
     let mut properties = json!({
         "vmId": vm.vm_id,
         "hardwareProfile": { "vmSize": vm.size },
-        "storageProfile": { "osDisk": os_json, "dataDisks": data_disks },
+        "storageProfile": storage_profile,
         "osProfile": os_profile,
-        "networkProfile": { "networkInterfaces": [ { "id": resource_id(&vm.subscription, &vm.resource_group, "Microsoft.Network/networkInterfaces", &format!("{}-nic", vm.name)) } ] },
+        "networkProfile": { "networkInterfaces": [ {
+            "id": resource_id(&vm.subscription, &vm.resource_group, "Microsoft.Network/networkInterfaces", &format!("{}-nic", vm.name)),
+            "properties": { "primary": true, "deleteOption": "Detach" }
+        } ] },
+        // Managed boot diagnostics (no storageUri), the default of current VMs.
+        "diagnosticsProfile": { "bootDiagnostics": { "enabled": true } },
         "provisioningState": "Succeeded",
         "timeCreated": rfc3339(vm.created)
     });
@@ -251,6 +263,32 @@ pub fn render_vm(state: &SimState, vm: &Vm, expand_instance_view: bool) -> Value
     body
 }
 
+/// The marketplace image a fleet VM's OS disk was created from.
+fn image_reference(os: OsType) -> Value {
+    match os {
+        OsType::Linux => {
+            json!({ "publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest", "exactVersion": "24.04.202409120" })
+        }
+        OsType::Windows => {
+            json!({ "publisher": "MicrosoftWindowsServer", "offer": "WindowsServer", "sku": "2022-datacenter-azure-edition", "version": "latest", "exactVersion": "20348.2700.240911" })
+        }
+    }
+}
+
+/// Status of an extension as its handler reports it; ADE also reports the encryption state per volume.
+fn extension_statuses(vm: &Vm, ext: &Extension) -> (Value, Value) {
+    let statuses = json!([{ "code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded",
+                            "message": if ext.is_ade() { "Encryption succeeded for all volumes" } else { "Enable succeeded" },
+                            "time": rfc3339(vm.created) }]);
+    let substatuses = if ext.is_ade() {
+        json!([{ "code": "ComponentStatus/EncryptionState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded",
+                 "message": "{\"os\": \"Encrypted\", \"data\": \"Encrypted\"}", "time": rfc3339(vm.created) }])
+    } else {
+        json!([])
+    };
+    (statuses, substatuses)
+}
+
 pub fn instance_view(state: &SimState, vm: &Vm) -> Value {
     let succeeded = |display: &str| json!({ "code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": display, "time": rfc3339(vm.created) });
     let agent_ready = vm.agent == AgentState::Ready && vm.power == PowerState::Running;
@@ -270,10 +308,17 @@ pub fn instance_view(state: &SimState, vm: &Vm) -> Value {
     let extensions: Vec<Value> = vm
         .extensions
         .iter()
-        .map(|e| json!({
-            "name": e.name, "type": format!("{}.{}", e.publisher, e.extension_type), "typeHandlerVersion": e.type_handler_version,
-            "statuses": [succeeded("Provisioning succeeded")]
-        }))
+        .map(|e| {
+            let (statuses, substatuses) = extension_statuses(vm, e);
+            let mut view = json!({
+                "name": e.name, "type": format!("{}.{}", e.publisher, e.extension_type), "typeHandlerVersion": e.type_handler_version,
+                "statuses": statuses
+            });
+            if substatuses.as_array().is_some_and(|s| !s.is_empty()) {
+                view["substatuses"] = substatuses;
+            }
+            view
+        })
         .collect();
     let power = match vm.power {
         PowerState::Running => {
@@ -292,6 +337,13 @@ pub fn instance_view(state: &SimState, vm: &Vm) -> Value {
         "disks": disks,
         "extensions": extensions,
         "hyperVGeneration": "V2",
+        "platformUpdateDomain": 0,
+        "platformFaultDomain": 0,
+        "isVMInStandbyPool": false,
+        "bootDiagnostics": {
+            "consoleScreenshotBlobUri": format!("{}/blob/bootdiagnostics/{}.screenshot.bmp", state.base_url, vm.vm_id),
+            "serialConsoleLogBlobUri": format!("{}/blob/bootdiagnostics/{}.serialconsole.log", state.base_url, vm.vm_id)
+        },
         "statuses": [succeeded("Provisioning succeeded"), power]
     });
     if vm.agent != AgentState::Missing {
@@ -306,13 +358,21 @@ pub fn instance_view(state: &SimState, vm: &Vm) -> Value {
             .map(|e| json!({ "type": format!("{}.{}", e.publisher, e.extension_type), "typeHandlerVersion": e.type_handler_version,
                              "status": { "code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Ready" } }))
             .collect();
+        if agent_ready {
+            // The guest agent reports the OS version.
+            view["osVersion"] = json!(match vm.os {
+                OsType::Linux => "24.04",
+                OsType::Windows => "Microsoft Windows NT 10.0.20348.0",
+            });
+        }
         view["vmAgent"] = json!({ "vmAgentVersion": if agent_ready { "2.11.1.12" } else { "Unknown" }, "statuses": [status], "extensionHandlers": handlers });
     }
     view
 }
 
 fn render_extension(vm: &Vm, ext: &Extension) -> Value {
-    json!({
+    let (statuses, substatuses) = extension_statuses(vm, ext);
+    let mut body = json!({
         "name": ext.name,
         "id": format!("{}/extensions/{}", vm.id(), ext.name),
         "type": "Microsoft.Compute/virtualMachines/extensions",
@@ -326,10 +386,19 @@ fn render_extension(vm: &Vm, ext: &Extension) -> Value {
             "provisioningState": "Succeeded",
             "instanceView": {
                 "name": ext.name, "type": ext.extension_type, "typeHandlerVersion": ext.type_handler_version,
-                "statuses": [ { "code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded" } ]
+                "statuses": statuses, "substatuses": substatuses
             }
         }
-    })
+    });
+    // Optional properties the caller set are returned as set (protectedSettings never are).
+    for (key, value) in &ext.optional_properties {
+        if key == "tags" {
+            body["tags"] = value.clone();
+        } else {
+            body["properties"][key] = value.clone();
+        }
+    }
+    body
 }
 
 pub fn render_disk(disk: &Disk) -> Value {
@@ -349,6 +418,20 @@ pub fn render_disk(disk: &Disk) -> Value {
             OsType::Linux => "Linux",
             OsType::Windows => "Windows",
         });
+        properties["hyperVGeneration"] = json!("V2");
+        properties["supportedCapabilities"] =
+            json!({ "acceleratedNetwork": true, "architecture": "x64" });
+        if disk.create_option == "FromImage" {
+            let image = image_reference(os);
+            properties["creationData"]["imageReference"] = json!({ "id": format!(
+                "/Subscriptions/{}/Providers/Microsoft.Compute/Locations/{}/Publishers/{}/ArtifactTypes/VMImage/Offers/{}/Skus/{}/Versions/{}",
+                disk.subscription, disk.location, image["publisher"].as_str().unwrap_or_default(), image["offer"].as_str().unwrap_or_default(),
+                image["sku"].as_str().unwrap_or_default(), image["exactVersion"].as_str().unwrap_or_default()) });
+        }
+    }
+    if disk.managed_by.is_some() {
+        // Compute records when a VM attached the disk; the simulator attaches at creation.
+        properties["LastOwnershipUpdateTime"] = json!(rfc3339(disk.created));
     }
     if let Some(ade) = &disk.ade {
         properties["encryptionSettingsCollection"] = json!({ "enabled": true, "encryptionSettings": [ade_json(ade)], "encryptionSettingsVersion": "1.1" });
@@ -703,6 +786,9 @@ pub fn upsert_vm_from_body(
             .pointer("/properties/securityProfile/encryptionAtHost")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        image_reference: body
+            .pointer("/properties/storageProfile/imageReference")
+            .cloned(),
         extensions: Vec::new(),
         created: now,
     });
@@ -869,6 +955,15 @@ fn put_extension(
         extension_type: text("type"),
         type_handler_version: text("typeHandlerVersion"),
         settings: props.get("settings").cloned().unwrap_or(json!({})),
+        optional_properties: [
+            "forceUpdateTag",
+            "enableAutomaticUpgrade",
+            "suppressFailures",
+        ]
+        .iter()
+        .filter_map(|key| props.get(*key).map(|v| (key.to_string(), v.clone())))
+        .chain(body.get("tags").map(|t| ("tags".to_string(), t.clone())))
+        .collect(),
     };
     if extension.publisher.is_empty() || extension.extension_type.is_empty() {
         return Err(invalid(

@@ -61,10 +61,18 @@ fn render(d: &Deployment, now: DateTime<Utc>) -> Value {
         "provisioningState": st, "correlationId": d.correlation_id, "timestamp": rfc3339(if st == "Running" { now } else { d.end }),
         "duration": iso_duration(((if st == "Running" { now } else { d.end }) - d.start).num_milliseconds() as f64 / 1000.0),
         "mode": d.mode, "parameters": d.parameters,
-        "providers": [ { "namespace": "Microsoft.Compute", "resourceTypes": [ { "resourceType": "virtualMachines", "locations": [] } ] } ],
+        "providers": d.providers,
+        "templateHash": template_hash(&d.template),
         "dependencies": [],
         "outputResources": d.output_resources.iter().map(|id| json!({ "id": id })).collect::<Vec<_>>()
     });
+    if let Some(link) = &d.template_link {
+        let mut link = link.clone();
+        if let Some(version) = d.template.get("contentVersion") {
+            link["contentVersion"] = version.clone();
+        }
+        properties["templateLink"] = link;
+    }
     if let (Some(f), "Failed") = (&d.failure, st) {
         properties["error"] = json!({ "code": f.code, "message": f.message });
     }
@@ -123,6 +131,15 @@ fn put(state: &mut SimState, req: &Request, sub: &str, rg: &str, name: &str) -> 
         failure: None,
         output_resources: Vec::new(),
         finalized: false,
+        template_link: props.get("templateLink").cloned(),
+        providers: Value::Null,
+    };
+    let deployment = Deployment {
+        providers: providers(
+            &deployment,
+            &resource_group_location(state, sub, rg).unwrap_or_default(),
+        ),
+        ..deployment
     };
     let rendered = render(&deployment, req.now);
     state.deployments.push(deployment);
@@ -138,6 +155,78 @@ fn put(state: &mut SimState, req: &Request, sub: &str, rg: &str, name: &str) -> 
     )
     .with_header("azure-asyncoperation", status_url)
     .with_header("retry-after", "10")
+}
+
+/// ARM's template hash is a decimal string derived from the template; any stable digest serves.
+fn template_hash(template: &Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    template.to_string().hash(&mut hasher);
+    hasher.finish().to_string()
+}
+
+/// Where a resource group's resources are (the simulator keeps no resource groups of its own).
+fn resource_group_location(state: &SimState, sub: &str, rg: &str) -> Option<String> {
+    let in_rg = |s: &str, r: &str| same(s, sub) && same(r, rg);
+    state
+        .vms
+        .iter()
+        .find(|v| in_rg(&v.subscription, &v.resource_group))
+        .map(|v| v.location.clone())
+        .or_else(|| {
+            state
+                .disks
+                .iter()
+                .find(|d| in_rg(&d.subscription, &d.resource_group))
+                .map(|d| d.location.clone())
+        })
+}
+
+/// `[{namespace, resourceTypes: [{resourceType, locations}]}]` of the template's resources.
+fn providers(d: &Deployment, rg_location: &str) -> Value {
+    let mut by_namespace: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, Vec<String>>,
+    > = Default::default();
+    let resources = d
+        .template
+        .get("resources")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for resource in resources {
+        let Some((namespace, kind)) = resource
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(|t| t.split_once('/'))
+        else {
+            continue;
+        };
+        let location = resource
+            .get("location")
+            .and_then(|l| resolve(l, &d.template, &d.parameters, rg_location).ok())
+            .and_then(|l| l.as_str().map(str::to_string))
+            .filter(|l| !l.is_empty());
+        let locations = by_namespace
+            .entry(namespace.to_string())
+            .or_default()
+            .entry(kind.to_string())
+            .or_default();
+        if let Some(location) = location {
+            if !locations.contains(&location) {
+                locations.push(location);
+            }
+        }
+    }
+    Value::Array(
+        by_namespace
+            .into_iter()
+            .map(|(namespace, types)| json!({
+                "namespace": namespace,
+                "resourceTypes": types.into_iter().map(|(t, l)| json!({ "resourceType": t, "locations": l })).collect::<Vec<_>>()
+            }))
+            .collect(),
+    )
 }
 
 /// Read a template from the simulator's own blob endpoint (a SAS query string is ignored).

@@ -1,7 +1,8 @@
 //! Azure Resource Graph (`POST /providers/Microsoft.ResourceGraph/resources`) over the simulated estate.
 //!
 //! No Rust crate parses KQL, so this is a hand-written parser for the subset the project uses:
-//! tables `Resources` and `RecoveryServicesResources`; `| where` with `=~`, `==`, `!=`, `!~`, `in (…)`,
+//! tables `Resources` and `RecoveryServicesResources`; `| where` with `=~`, `==`, `!=`, `!~`, `contains`, `!contains`,
+//! `contains_cs`, `in (…)`,
 //! `in~ (…)`, `isnotempty(…)`, `isempty(…)`, joined by `and` / `or`; `| project a, b`;
 //! `| order by x asc|desc`; `| limit n`. Anything else is a 400 naming the unsupported part.
 
@@ -305,6 +306,10 @@ impl Expr {
                     "=~" => actual.eq_ignore_ascii_case(value),
                     "!~" => !actual.eq_ignore_ascii_case(value),
                     "==" => actual == *value,
+                    // KQL's `contains` is case-insensitive; `contains_cs` is not.
+                    "contains" => actual.to_lowercase().contains(&value.to_lowercase()),
+                    "!contains" => !actual.to_lowercase().contains(&value.to_lowercase()),
+                    "contains_cs" => actual.contains(value.as_str()),
                     _ => actual != *value,
                 }
             }
@@ -387,7 +392,7 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
             if ["=~", "==", "!=", "!~"].contains(&two.as_str()) {
                 tokens.push(Token::Sym(two));
                 i += 2;
-            } else if "|.[](),".contains(c) {
+            } else if "|.[](),!".contains(c) {
                 tokens.push(Token::Sym(c.to_string()));
                 i += 1;
             } else {
@@ -501,6 +506,25 @@ impl Parser {
                     value: self.string()?,
                 });
             }
+        }
+        for op in ["contains", "contains_cs"] {
+            if self.keyword(op) {
+                return Ok(Expr::Compare {
+                    path,
+                    op: op.into(),
+                    value: self.string()?,
+                });
+            }
+        }
+        if self.sym("!") {
+            if self.keyword("contains") {
+                return Ok(Expr::Compare {
+                    path,
+                    op: "!contains".into(),
+                    value: self.string()?,
+                });
+            }
+            return Err(format!("the operator !{}", self.here()));
         }
         let case_insensitive = if self.sym("in~") {
             true

@@ -1,4 +1,4 @@
-//! Microsoft.Resources tags at a VM's scope (`{vm}/providers/Microsoft.Resources/tags/default`) and
+//! Microsoft.Resources tags at a VM's or a subscription's scope (`{scope}/providers/Microsoft.Resources/tags/default`) and
 //! Microsoft.Authorization role assignments (RBAC key vaults).
 
 use super::http::{Reply, Request};
@@ -34,25 +34,65 @@ pub fn route(state: &mut SimState, req: &Request) -> Option<Reply> {
 }
 
 fn tags(state: &mut SimState, req: &Request, scope: &str) -> Reply {
-    let Some((sub, rg, kind, name)) = parse_resource_id(scope) else {
-        return Reply::bad_request(
+    let only = || {
+        Reply::bad_request(
             "InvalidScope",
-            "The simulator serves tags on virtual machines only.",
-        );
+            "The simulator serves tags on subscriptions and virtual machines only.",
+        )
     };
-    if !same(&kind, "Microsoft.Compute/virtualMachines") {
-        return Reply::bad_request(
-            "InvalidScope",
-            "The simulator serves tags on virtual machines only.",
-        );
-    }
     let body = match req.json_body() {
         Ok(b) => b,
         Err(e) => return e,
     };
-    let Some(vm) = state.vm_mut(&sub, &rg, &name) else {
-        return Reply::not_found(&kind, &name);
+    let scope_parts: Vec<&str> = scope.trim_matches('/').split('/').collect();
+    let target = if let [first, sub] = scope_parts.as_slice() {
+        if !same(first, "subscriptions") || !state.subscriptions.iter().any(|s| same(s, sub)) {
+            return Reply::arm_error(
+                StatusCode::NOT_FOUND,
+                "SubscriptionNotFound",
+                &format!("The subscription '{sub}' could not be found."),
+            );
+        }
+        state
+            .subscription_tags
+            .entry(sub.to_ascii_lowercase())
+            .or_default()
+    } else {
+        let Some((sub, rg, kind, name)) = parse_resource_id(scope) else {
+            return only();
+        };
+        if !same(&kind, "Microsoft.Compute/virtualMachines") {
+            return only();
+        }
+        match state.vm_mut(&sub, &rg, &name) {
+            Some(vm) => &mut vm.tags,
+            None => return Reply::not_found(&kind, &name),
+        }
     };
+    let before = target.clone();
+    if let Err(reply) = apply_tag_operation(target, &req.method, &body) {
+        return reply;
+    }
+    let tags = target.clone();
+    if tags != before {
+        state.emit_write(
+            &format!("{scope}/providers/Microsoft.Resources/tags/default"),
+            "Microsoft.Resources/tags/write",
+            req.now,
+        );
+    }
+    Reply::ok(json!({
+        "id": format!("{scope}/providers/Microsoft.Resources/tags/default"), "name": "default",
+        "type": "Microsoft.Resources/tags", "properties": { "tags": tags }
+    }))
+}
+
+/// GET reads, PUT replaces, PATCH replaces, merges or deletes (`operation`), DELETE clears.
+fn apply_tag_operation(
+    tags: &mut BTreeMap<String, String>,
+    method: &Method,
+    body: &Value,
+) -> Result<(), Reply> {
     let given: BTreeMap<String, String> = body
         .pointer("/properties/tags")
         .and_then(Value::as_object)
@@ -69,42 +109,30 @@ fn tags(state: &mut SimState, req: &Request, scope: &str) -> Reply {
                 .collect()
         })
         .unwrap_or_default();
-    let before = vm.tags.clone();
-    match req.method {
+    match *method {
         Method::GET => {}
-        Method::PUT => vm.tags = given,
+        Method::PUT => *tags = given,
         Method::PATCH => match body.get("operation").and_then(Value::as_str).unwrap_or("") {
-            op if same(op, "Replace") => vm.tags = given,
-            op if same(op, "Merge") => vm.tags.extend(given),
-            op if same(op, "Delete") => vm.tags.retain(|k, v| given.get(k) != Some(v)),
+            op if same(op, "Replace") => *tags = given,
+            op if same(op, "Merge") => tags.extend(given),
+            op if same(op, "Delete") => tags.retain(|k, v| given.get(k) != Some(v)),
             op => {
-                return Reply::bad_request(
+                return Err(Reply::bad_request(
                     "InvalidRequestContent",
                     &format!("operation '{op}' must be Replace, Merge or Delete."),
-                )
+                ))
             }
         },
-        Method::DELETE => vm.tags.clear(),
+        Method::DELETE => tags.clear(),
         _ => {
-            return Reply::arm_error(
+            return Err(Reply::arm_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "MethodNotAllowed",
                 "Method not allowed on tags.",
-            )
+            ))
         }
     }
-    let tags = vm.tags.clone();
-    if tags != before {
-        state.emit_write(
-            &format!("{scope}/providers/Microsoft.Resources/tags/default"),
-            "Microsoft.Resources/tags/write",
-            req.now,
-        );
-    }
-    Reply::ok(json!({
-        "id": format!("{scope}/providers/Microsoft.Resources/tags/default"), "name": "default",
-        "type": "Microsoft.Resources/tags", "properties": { "tags": tags }
-    }))
+    Ok(())
 }
 
 fn render_assignment(ra: &RoleAssignment) -> Value {

@@ -39,6 +39,8 @@ pub struct Vm {
     pub os_disk: String,
     pub data_disks: Vec<String>,
     pub encryption_at_host: bool,
+    /// `storageProfile.imageReference` as created; `None` renders the fleet's default image for the OS.
+    pub image_reference: Option<Value>,
     pub extensions: Vec<Extension>,
     pub created: DateTime<Utc>,
 }
@@ -50,6 +52,8 @@ pub struct Extension {
     pub extension_type: String,
     pub type_handler_version: String,
     pub settings: Value,
+    /// Optional properties returned as the caller set them (`forceUpdateTag`, `tags`, …).
+    pub optional_properties: serde_json::Map<String, Value>,
 }
 
 impl Extension {
@@ -340,6 +344,10 @@ pub struct Deployment {
     pub failure: Option<JobFailure>,
     pub output_resources: Vec<String>,
     pub finalized: bool,
+    /// `properties.templateLink` as given (ARM returns it), when the template came from a link.
+    pub template_link: Option<Value>,
+    /// `properties.providers`: the namespaces, types and locations of the template's resources.
+    pub providers: Value,
 }
 
 #[derive(Debug, Clone)]
@@ -393,6 +401,11 @@ pub struct SimState {
     pub counters: Counters,
     /// Event Grid events produced since the server last drained them.
     pub outbox: Vec<Value>,
+    /// Properties of backup policies written by PUT, keyed by lower-case policy id (fleet policies
+    /// have none and render the simulator's daily default).
+    pub policy_definitions: BTreeMap<String, Value>,
+    /// Tags at subscription scope, keyed by lower-case subscription id.
+    pub subscription_tags: BTreeMap<String, BTreeMap<String, String>>,
     next_recovery_point: u64,
 }
 
@@ -713,6 +726,7 @@ impl SimState {
             os_disk,
             data_disks,
             encryption_at_host: matches!(spec.encryption, EncryptionSpec::Host),
+            image_reference: None,
             extensions: Vec::new(),
             created: now,
         });
@@ -1030,6 +1044,7 @@ pub fn ade_extension(
         extension_type: extension_type.into(),
         type_handler_version: version.into(),
         settings,
+        optional_properties: Default::default(),
     }
 }
 
