@@ -114,13 +114,16 @@ async fn settle(h: &Harness) {
     }
 }
 
-/// Events of `event_type` on their own queues (the copies on `notifications` are left out).
+/// Events of `event_type` on their own queues (the copies on `notifications` are left out), once
+/// per id: delivery is at least once, and a redelivered step emits its follow-ups with the same ids.
 fn events(h: &Harness, event_type: &str) -> Vec<Value> {
+    let mut seen = BTreeSet::new();
     h.journal()
         .into_iter()
         .filter(|e| e.queue != queues::NOTIFICATIONS)
         .filter_map(|e| serde_json::from_slice::<Value>(&e.body).ok())
         .filter(|v| v["type"] == event_type)
+        .filter(|v| seen.insert(v["id"].as_str().unwrap_or_default().to_string()))
         .collect()
 }
 
@@ -578,6 +581,64 @@ async fn already_protected_with_the_policy_is_not_written_and_another_policy_is_
     assert_eq!(status, 200, "{response}");
     assert_eq!(response["Outputs"]["outcomes"][0]["type"], ENABLED);
     assert_eq!(arm_writes(&h), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn backup_remedy_grants_access_then_requests_the_backup_once_more_or_fails_it() {
+    let h = start(vec![
+        vm(
+            "vm-bek",
+            tagged("DefaultPolicy"),
+            ade("kv-ade-weu", "bek-1", None),
+        ),
+        vm(
+            "vm-locked",
+            tagged("DefaultPolicy"),
+            ade("kv-locked-weu", "bek-4", None),
+        ),
+    ])
+    .await;
+    let kv = |name: &str| {
+        format!(
+            "/subscriptions/{SUB}/resourceGroups/rg-sec/providers/Microsoft.KeyVault/vaults/{name}"
+        )
+    };
+    let needed = |vm: &str, key_vault: &str| {
+        json!({
+            "specversion": "1.0", "id": format!("remedy-{vm}"), "source": "/vmbackup", "type": ACCESS_NEEDED,
+            "subject": vm_id(vm), "time": "2026-11-28T10:00:00Z", "datacontenttype": "application/json",
+            "correlationid": format!("remedy-{vm}"),
+            "data": { "vmId": vm_id(vm), "needs": [{ "keyVault": kv(key_vault), "secrets": true, "keys": false }],
+                      "then": { "kind": "retry-backup", "retainUntil": "2026-12-28T10:00:00Z" } }
+        })
+    };
+    let (status, response) = h
+        .invoke("grant-key-vault-access", &needed("vm-bek", "kv-ade-weu"), 1)
+        .await;
+    assert_eq!(status, 200, "{response}");
+    let retry = &response["Outputs"]["backupRequests"][0];
+    assert_eq!(retry["type"], "vmbackup.backup.requested");
+    assert_eq!(retry["data"]["requestedBy"], "remedy");
+    assert_eq!(retry["data"]["remedyApplied"], true);
+    assert_eq!(retry["correlationid"], "remedy-vm-bek");
+    assert_eq!(
+        bms_permissions(&h, "kv-ade-weu").unwrap().1,
+        ["backup", "get", "list"]
+    );
+
+    let (status, response) = h
+        .invoke(
+            "grant-key-vault-access",
+            &needed("vm-locked", "kv-locked-weu"),
+            1,
+        )
+        .await;
+    assert_eq!(status, 200, "{response}");
+    let failed = &response["Outputs"]["outcomes"][0];
+    assert_eq!(failed["type"], "vmbackup.backup.failed");
+    assert_eq!(failed["data"]["reason"], "KeyVaultAccessNotGranted");
+    assert!(response["Outputs"].get("backupRequests").is_none());
     h.stop().await;
 }
 
