@@ -274,6 +274,21 @@ impl KeyVaultClient {
         }
     }
 
+    /// Role assignments of `principal_id` that apply at `scope` (assigned at it or above it).
+    pub async fn list_role_assignments(
+        &self,
+        scope: &str,
+        principal_id: &str,
+    ) -> Result<Vec<RoleAssignment>, AzureError> {
+        let mut url = self.arm.arm_url(
+            &format!("{scope}/providers/Microsoft.Authorization/roleAssignments"),
+            AUTHORIZATION_API_VERSION,
+        )?;
+        url.query_pairs_mut()
+            .append_pair("$filter", &format!("principalId eq '{principal_id}'"));
+        self.arm.list_all(ApiRequest::arm(Method::GET, url)).await
+    }
+
     fn data_url(&self, vault_uri: &str, path: &str) -> Result<Url, AzureError> {
         let base = Url::parse(vault_uri).map_err(|e| AzureError::InvalidInput {
             field: "vault_uri".into(),

@@ -53,10 +53,16 @@ pub enum ReasonCode {
     JobCancelled,
     /// Added: a job was still running when the bound on total tracking time ran out.
     JobTrackingTimedOut,
+    /// Added: the VM was deleted before the workflow could act on it.
+    VmNotFound,
+    /// Added: the VM's encryption settings name no usable key vault or key (the message says which field).
+    UnreadableEncryptionSettings,
+    /// Added: Azure refused a step with an error that retrying will not fix (its code is in the message).
+    AzureRefused,
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 17] = [
+    pub const ALL: [ReasonCode; 20] = [
         ReasonCode::NoVaultInRegion,
         ReasonCode::UnknownPolicy,
         ReasonCode::CertificateBackedKey,
@@ -74,6 +80,9 @@ impl ReasonCode {
         ReasonCode::JobFailed,
         ReasonCode::JobCancelled,
         ReasonCode::JobTrackingTimedOut,
+        ReasonCode::VmNotFound,
+        ReasonCode::UnreadableEncryptionSettings,
+        ReasonCode::AzureRefused,
     ];
 
     /// The contract string.
@@ -96,6 +105,9 @@ impl ReasonCode {
             ReasonCode::JobFailed => "JobFailed",
             ReasonCode::JobCancelled => "JobCancelled",
             ReasonCode::JobTrackingTimedOut => "JobTrackingTimedOut",
+            ReasonCode::VmNotFound => "VmNotFound",
+            ReasonCode::UnreadableEncryptionSettings => "UnreadableEncryptionSettings",
+            ReasonCode::AzureRefused => "AzureRefused",
         }
     }
 }

@@ -4,6 +4,12 @@
 //! The workflow never knows whether Azure is real or simulated: [`Deps::from_env`] reads endpoints
 //! and the credential from app settings, as the Functions host (or `vmbackup local`) passes them.
 
+pub mod assess_vm;
+pub mod discovery_sweep;
+pub mod enable_protection;
+pub mod grant_key_vault_access;
+pub mod notify;
+pub mod on_vm_event;
 pub mod recreate_vm;
 pub mod reinstall_ade;
 pub mod restore_webhook;
@@ -102,7 +108,37 @@ impl Deps {
 /// Every function of vmbackup with its trigger and outputs: the single source of truth for
 /// routing, `functions/*/function.json` and `vmbackup package`.
 pub fn app(deps: Arc<Deps>) -> FunctionApp {
+    // Protection: vault lists are shared by on-vm-event and assess-vm within this process.
+    let vaults = Arc::new(assess_vm::VaultDirectory::new(assess_vm::VAULT_CACHE_TTL));
+    let key_vault_locks = Arc::new(enable_protection::KeyedLocks::default());
+    let vm_locks = Arc::new(enable_protection::KeyedLocks::default());
     FunctionApp::new()
+        .function(on_vm_event::spec(), {
+            let (deps, vaults) = (deps.clone(), vaults.clone());
+            move |invocation| on_vm_event::handle(deps.clone(), vaults.clone(), invocation)
+        })
+        .function(discovery_sweep::spec(), {
+            let deps = deps.clone();
+            move |invocation| discovery_sweep::handle(deps.clone(), invocation)
+        })
+        .function(assess_vm::spec(), {
+            let (deps, vaults) = (deps.clone(), vaults.clone());
+            move |invocation| assess_vm::handle(deps.clone(), vaults.clone(), invocation)
+        })
+        .function(grant_key_vault_access::spec(), {
+            let deps = deps.clone();
+            move |invocation| {
+                grant_key_vault_access::handle(deps.clone(), key_vault_locks.clone(), invocation)
+            }
+        })
+        .function(enable_protection::spec(), {
+            let deps = deps.clone();
+            move |invocation| enable_protection::handle(deps.clone(), vm_locks.clone(), invocation)
+        })
+        .function(notify::spec(), {
+            let deps = deps.clone();
+            move |invocation| notify::handle(deps.clone(), invocation)
+        })
         .function(start_restore::spec(), {
             let deps = deps.clone();
             move |inv| start_restore::handle(deps.clone(), inv)
