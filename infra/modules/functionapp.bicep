@@ -44,6 +44,8 @@ param keyVaultRole string
 param defaultRetentionDays string
 param allowedScopes string
 param notifyWebhook string
+@description('ARM id of the staging storage account restores use when a request names none.')
+param stagingStorageAccount string
 
 var isFlex = hostingPlan == 'FlexConsumption'
 
@@ -153,6 +155,10 @@ var appSettings = [
   {
     name: 'VMBACKUP_NOTIFY_WEBHOOK'
     value: notifyWebhook
+  }
+  {
+    name: 'VMBACKUP_STAGING_STORAGE_ACCOUNT'
+    value: stagingStorageAccount
   }
 ]
 
