@@ -27,6 +27,42 @@ enum Command {
     },
     /// Run the Azure simulator alone (ARM paths at the root of ADDR, managed identity, data planes).
     Simulator(vmbackup::simulator::cli::SimulatorArgs),
+    /// The main job on one machine: a local Functions host, an embedded Service Bus and (by default)
+    /// the Azure simulator seeded with a fleet (the built-in demo fleet when none is given).
+    Local(LocalArgs),
+}
+
+#[derive(clap::Args)]
+struct LocalArgs {
+    /// The fleet file of the simulated estate (default: the built-in demo fleet).
+    #[arg(long)]
+    fleet: Option<PathBuf>,
+    /// Exit 0 once the timeline has played and no message is in flight or scheduled.
+    #[arg(long)]
+    until_idle: bool,
+    /// Write the JSON report here at the end.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Where the durable queue and the simulated estate live; the same DIR continues a run.
+    #[arg(long, default_value = vmbackup::local::session::DEFAULT_STATE_DIR)]
+    state: PathBuf,
+    /// `simulator` (default) or `live` (real Azure with developer credentials, real clock).
+    #[arg(long, value_enum, default_value = "simulator")]
+    azure: AzureArg,
+    /// The function app folder (host.json + function folders); default: the working directory
+    /// when it holds host.json, else the folder of this binary.
+    #[arg(long)]
+    app: Option<PathBuf>,
+    /// Deliver to a handler that is already running at this URL (e.g. under a debugger) instead of
+    /// starting `vmbackup serve`.
+    #[arg(long)]
+    handler_url: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AzureArg {
+    Simulator,
+    Live,
 }
 
 /// Exit codes of the contract: 1 runtime failure, 2 bad usage or bad input.
@@ -92,6 +128,30 @@ async fn run(command: Command) -> Result<(), Failure> {
                 Failure::Runtime(format!("{e:#}"))
             }
         }),
+        Command::Local(args) => {
+            init_local_logging();
+            let options = vmbackup::local::session::LocalOptions {
+                fleet: args.fleet,
+                until_idle: args.until_idle,
+                report: args.report,
+                state: args.state,
+                azure: match args.azure {
+                    AzureArg::Simulator => vmbackup::local::session::AzureMode::Simulator,
+                    AzureArg::Live => vmbackup::local::session::AzureMode::Live,
+                },
+                app: args.app,
+                handler_url: args.handler_url,
+            };
+            vmbackup::local::session::run(options)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e {
+                    vmbackup::local::session::LocalError::Usage(reason) => Failure::Usage(reason),
+                    vmbackup::local::session::LocalError::Runtime(reason) => {
+                        Failure::Runtime(reason)
+                    }
+                })
+        }
         Command::Package { out } => {
             let binary = std::env::current_exe()
                 .map_err(|e| Failure::Runtime(format!("cannot locate the running binary: {e}")))?;
@@ -107,4 +167,15 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Warnings of the host on stderr; the live view owns stdout. The handler's own log lines are
+/// shown only when asked for (`RUST_LOG=vmbackup::local::handler=info`).
+fn init_local_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -24,7 +24,7 @@ pub const APP_PRINCIPAL_ID: &str = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";
 /// Built-in role "Key Vault Administrator".
 pub const KEY_VAULT_ADMINISTRATOR_ROLE: &str = "00482a5a-887f-4fb3-b363-3b7fe8e74483";
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Vm {
     pub subscription: String,
     pub resource_group: String,
@@ -43,7 +43,7 @@ pub struct Vm {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Extension {
     pub name: String,
     pub publisher: String,
@@ -64,7 +64,7 @@ impl Extension {
 }
 
 /// ADE settings as Compute stores them on a disk (`encryptionSettingsCollection.encryptionSettings[0]`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
 pub struct AdeDiskSettings {
     pub secret_url: String,
     pub secret_vault_id: String,
@@ -72,7 +72,7 @@ pub struct AdeDiskSettings {
     pub key_vault_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Disk {
     pub subscription: String,
     pub resource_group: String,
@@ -87,7 +87,7 @@ pub struct Disk {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct DiskEncryptionSet {
     pub subscription: String,
     pub resource_group: String,
@@ -98,7 +98,7 @@ pub struct DiskEncryptionSet {
     pub principal_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
 pub struct AccessPolicy {
     pub tenant_id: String,
     pub object_id: String,
@@ -108,7 +108,7 @@ pub struct AccessPolicy {
     pub certificates: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KvKey {
     pub name: String,
     pub version: String,
@@ -119,7 +119,7 @@ pub struct KvKey {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KvSecret {
     pub name: String,
     pub version: String,
@@ -129,7 +129,7 @@ pub struct KvSecret {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KeyVault {
     pub subscription: String,
     pub resource_group: String,
@@ -143,7 +143,7 @@ pub struct KeyVault {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct StorageAccount {
     pub subscription: String,
     pub resource_group: String,
@@ -151,7 +151,7 @@ pub struct StorageAccount {
     pub location: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RecoveryVault {
     pub subscription: String,
     pub resource_group: String,
@@ -163,7 +163,7 @@ pub struct RecoveryVault {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct ProtectedItem {
     pub vault_id: String,
     pub vm_id: String,
@@ -177,7 +177,7 @@ pub struct ProtectedItem {
     pub protected_item_data_id: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOperation {
     ConfigureBackup,
     Backup,
@@ -194,13 +194,13 @@ impl JobOperation {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
 pub struct JobFailure {
     pub code: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RestorePlan {
     pub recovery_point_id: String,
     pub storage_account_id: String,
@@ -208,7 +208,7 @@ pub struct RestorePlan {
     pub target_subscription: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Job {
     pub id: String,
     pub vault_id: String,
@@ -239,7 +239,7 @@ impl Job {
 }
 
 /// A disk as a recovery point remembers it.
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct DiskSnapshot {
     pub name: String,
     pub lun: Option<u32>,
@@ -248,7 +248,7 @@ pub struct DiskSnapshot {
     pub disk_encryption_set_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KeyAndSecret {
     pub secret_url: String,
     pub secret_vault_id: String,
@@ -262,7 +262,7 @@ pub struct KeyAndSecret {
     pub key_backup_data: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RecoveryPoint {
     pub id: String,
     pub vault_id: String,
@@ -285,7 +285,7 @@ impl RecoveryPoint {
 }
 
 /// What an async operation's `Location` answers once it is done.
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub enum OperationResult {
     /// 204 No Content.
     NoContent,
@@ -295,7 +295,7 @@ pub enum OperationResult {
     Policy { vault_id: String, name: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Operation {
     pub id: String,
     pub start: DateTime<Utc>,
@@ -317,7 +317,7 @@ impl Operation {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RoleAssignment {
     pub name: String,
     pub scope: String,
@@ -326,7 +326,7 @@ pub struct RoleAssignment {
     pub principal_type: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Deployment {
     pub subscription: String,
     pub resource_group: String,
@@ -342,14 +342,14 @@ pub struct Deployment {
     pub finalized: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Blob {
     pub content: Vec<u8>,
     pub content_type: String,
 }
 
 /// One answered request, for tests and reports.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(serde::Deserialize, Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestRecord {
     pub method: String,
@@ -360,7 +360,7 @@ pub struct RequestRecord {
     pub at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(serde::Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     /// ARM requests answered (data plane and identity are not counted).
     pub requests: u64,
@@ -370,7 +370,7 @@ pub struct Counters {
     pub writes: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Default)]
 pub struct SimState {
     pub simulation: Simulation,
     pub base_url: String,
@@ -389,9 +389,12 @@ pub struct SimState {
     /// Keyed by `account/container/blob` (account lower-case).
     pub blobs: BTreeMap<String, Blob>,
     pub subscriptions: Vec<String>,
+    /// Not kept in snapshots (`vmbackup local` persists the estate; the counters keep the totals).
+    #[serde(skip)]
     pub request_log: Vec<RequestRecord>,
     pub counters: Counters,
     /// Event Grid events produced since the server last drained them.
+    #[serde(skip)]
     pub outbox: Vec<Value>,
     next_recovery_point: u64,
 }
