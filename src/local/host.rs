@@ -348,7 +348,7 @@ impl Host {
         if self.in_flight() > 0 {
             return Ok(false);
         }
-        for queue in self.shared.app.queue_names() {
+        for queue in self.shared.app.trigger_queue_names() {
             if self.shared.queue.active_count_in(&queue)? > 0 {
                 return Ok(false);
             }
