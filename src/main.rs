@@ -30,6 +30,9 @@ enum Command {
     /// Enqueue a restore request (`vmbackup.restore.requested`) on the restore-requests queue, through
     /// the Service Bus the environment configures (as for the handler).
     Restore(RestoreArgs),
+    /// The main job on one machine: a local Functions host, an embedded Service Bus and (by default)
+    /// the Azure simulator seeded with a fleet (the built-in demo fleet when none is given).
+    Local(LocalArgs),
 }
 
 #[derive(clap::Args)]
@@ -52,6 +55,39 @@ struct RestoreArgs {
     /// URL the outcome is POSTed to.
     #[arg(long)]
     callback: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct LocalArgs {
+    /// The fleet file of the simulated estate (default: the built-in demo fleet).
+    #[arg(long)]
+    fleet: Option<PathBuf>,
+    /// Exit 0 once the timeline has played and no message is in flight or scheduled.
+    #[arg(long)]
+    until_idle: bool,
+    /// Write the JSON report here at the end.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Where the durable queue and the simulated estate live; the same DIR continues a run.
+    #[arg(long, default_value = vmbackup::local::session::DEFAULT_STATE_DIR)]
+    state: PathBuf,
+    /// `simulator` (default) or `live` (real Azure with developer credentials, real clock).
+    #[arg(long, value_enum, default_value = "simulator")]
+    azure: AzureArg,
+    /// The function app folder (host.json + function folders); default: the working directory
+    /// when it holds host.json, else the folder of this binary.
+    #[arg(long)]
+    app: Option<PathBuf>,
+    /// Deliver to a handler that is already running at this URL (e.g. under a debugger) instead of
+    /// starting `vmbackup serve`.
+    #[arg(long)]
+    handler_url: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AzureArg {
+    Simulator,
+    Live,
 }
 
 async fn enqueue_restore(args: RestoreArgs) -> Result<(), Failure> {
@@ -170,6 +206,30 @@ async fn run(command: Command) -> Result<(), Failure> {
             }
         }),
         Command::Restore(args) => enqueue_restore(args).await,
+        Command::Local(args) => {
+            init_local_logging();
+            let options = vmbackup::local::session::LocalOptions {
+                fleet: args.fleet,
+                until_idle: args.until_idle,
+                report: args.report,
+                state: args.state,
+                azure: match args.azure {
+                    AzureArg::Simulator => vmbackup::local::session::AzureMode::Simulator,
+                    AzureArg::Live => vmbackup::local::session::AzureMode::Live,
+                },
+                app: args.app,
+                handler_url: args.handler_url,
+            };
+            vmbackup::local::session::run(options)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e {
+                    vmbackup::local::session::LocalError::Usage(reason) => Failure::Usage(reason),
+                    vmbackup::local::session::LocalError::Runtime(reason) => {
+                        Failure::Runtime(reason)
+                    }
+                })
+        }
         Command::Package { out } => {
             let binary = std::env::current_exe()
                 .map_err(|e| Failure::Runtime(format!("cannot locate the running binary: {e}")))?;
@@ -185,4 +245,15 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Warnings of the host on stderr; the live view owns stdout. The handler's own log lines are
+/// shown only when asked for (`RUST_LOG=vmbackup::local::handler=info`).
+fn init_local_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -216,6 +216,21 @@ impl App {
     }
 
     /// Every queue a function reads or writes, sorted and without repeats.
+    /// The queues some function is triggered by (the ones whose messages are work to do).
+    pub fn trigger_queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .functions
+            .iter()
+            .filter_map(|f| match &f.trigger {
+                Trigger::ServiceBus { queue_name, .. } => Some(queue_name.clone()),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     pub fn queue_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .functions

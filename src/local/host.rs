@@ -342,9 +342,18 @@ impl Host {
         Ok(())
     }
 
-    /// Nothing running and no message in flight or scheduled (timers alone don't count).
+    /// Nothing running and no message in flight or scheduled on a queue that a function reads
+    /// (timers alone don't count; a message no function will ever read is not work in flight).
     pub fn is_idle(&self) -> Result<bool, QueueError> {
-        Ok(self.in_flight() == 0 && self.shared.queue.active_count()? == 0)
+        if self.in_flight() > 0 {
+            return Ok(false);
+        }
+        for queue in self.shared.app.trigger_queue_names() {
+            if self.shared.queue.active_count_in(&queue)? > 0 {
+                return Ok(false);
+            }
+        }
+        Ok(self.in_flight() == 0)
     }
 
     /// Stops taking work, lets running invocations finish (bounded), then stops the handler.
@@ -476,6 +485,7 @@ async fn supervise(
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
+        die_with_parent(&mut command);
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
@@ -541,6 +551,24 @@ async fn supervise(
         }
     }
 }
+
+/// The handler must not outlive a host that is killed (a killed process runs no destructors, so
+/// `kill_on_drop` does not help): on Linux the kernel sends it SIGKILL when the host dies.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut tokio::process::Command) {}
 
 /// Handler console output: stdout at info, stderr at warn (as the host logs custom handlers).
 fn forward_output(

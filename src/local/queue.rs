@@ -168,7 +168,14 @@ pub enum QueueError {
     Properties(#[from] serde_json::Error),
     #[error("queue database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("cannot make outside state durable before enqueueing: {0}")]
+    Barrier(String),
 }
+
+/// Runs before any message is enqueued or any trigger completed, so that state living outside the
+/// queue (the simulated estate of `vmbackup local`) is durable at least as far as the queue: after
+/// a crash that state is never behind the events that describe it.
+pub type CommitBarrier = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// A handle on the embedded Service Bus; clones share one database connection.
 #[derive(Clone)]
@@ -182,6 +189,7 @@ struct Inner {
     /// Woken on every change that may make a message available.
     changed: Notify,
     events: broadcast::Sender<QueueEvent>,
+    barrier: Mutex<Option<CommitBarrier>>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -277,6 +285,7 @@ impl Queue {
                 clock,
                 changed: Notify::new(),
                 events,
+                barrier: Mutex::new(None),
             }),
         })
     }
@@ -287,6 +296,28 @@ impl Queue {
 
     pub fn subscribe(&self) -> broadcast::Receiver<QueueEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Installs the barrier every later send and completion runs first (see [`CommitBarrier`]).
+    pub fn set_commit_barrier(&self, barrier: CommitBarrier) {
+        *self
+            .inner
+            .barrier
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(barrier);
+    }
+
+    fn run_barrier(&self) -> Result<(), QueueError> {
+        let barrier = self
+            .inner
+            .barrier
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match barrier {
+            Some(barrier) => barrier().map_err(QueueError::Barrier),
+            None => Ok(()),
+        }
     }
 
     fn connection(&self) -> MutexGuard<'_, Connection> {
@@ -350,6 +381,7 @@ impl Queue {
         &self,
         messages: &[(String, OutgoingMessage)],
     ) -> Result<Vec<SendOutcome>, QueueError> {
+        self.run_barrier()?;
         let now = self.now_ms();
         let (outcomes, enqueued) = {
             let mut connection = self.connection();
@@ -389,6 +421,16 @@ impl Queue {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(entries)
+    }
+
+    /// Whether a message with this id was ever enqueued on `queue` (the journal keeps every one).
+    pub fn journal_has(&self, queue: &str, message_id: &str) -> Result<bool, QueueError> {
+        let found: bool = self.connection().query_row(
+            "SELECT EXISTS (SELECT 1 FROM journal WHERE queue = ?1 AND message_id = ?2)",
+            params![queue, message_id],
+            |row| row.get(0),
+        )?;
+        Ok(found)
     }
 
     /// Peek-lock: the next available message, locked for the queue's lock duration.
@@ -490,6 +532,7 @@ impl Queue {
         lock_token: &str,
         outputs: &[(String, OutgoingMessage)],
     ) -> Result<Vec<SendOutcome>, QueueError> {
+        self.run_barrier()?;
         let now = self.now_ms();
         let (outcomes, enqueued) = {
             let mut connection = self.connection();

@@ -24,7 +24,7 @@ pub const APP_PRINCIPAL_ID: &str = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";
 /// Built-in role "Key Vault Administrator".
 pub const KEY_VAULT_ADMINISTRATOR_ROLE: &str = "00482a5a-887f-4fb3-b363-3b7fe8e74483";
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Vm {
     pub subscription: String,
     pub resource_group: String,
@@ -45,7 +45,7 @@ pub struct Vm {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Extension {
     pub name: String,
     pub publisher: String,
@@ -68,7 +68,7 @@ impl Extension {
 }
 
 /// ADE settings as Compute stores them on a disk (`encryptionSettingsCollection.encryptionSettings[0]`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
 pub struct AdeDiskSettings {
     pub secret_url: String,
     pub secret_vault_id: String,
@@ -76,7 +76,7 @@ pub struct AdeDiskSettings {
     pub key_vault_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Disk {
     pub subscription: String,
     pub resource_group: String,
@@ -91,7 +91,7 @@ pub struct Disk {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct DiskEncryptionSet {
     pub subscription: String,
     pub resource_group: String,
@@ -102,7 +102,7 @@ pub struct DiskEncryptionSet {
     pub principal_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
 pub struct AccessPolicy {
     pub tenant_id: String,
     pub object_id: String,
@@ -112,7 +112,7 @@ pub struct AccessPolicy {
     pub certificates: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KvKey {
     pub name: String,
     pub version: String,
@@ -123,7 +123,7 @@ pub struct KvKey {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KvSecret {
     pub name: String,
     pub version: String,
@@ -133,7 +133,7 @@ pub struct KvSecret {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KeyVault {
     pub subscription: String,
     pub resource_group: String,
@@ -147,7 +147,7 @@ pub struct KeyVault {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct StorageAccount {
     pub subscription: String,
     pub resource_group: String,
@@ -155,7 +155,7 @@ pub struct StorageAccount {
     pub location: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RecoveryVault {
     pub subscription: String,
     pub resource_group: String,
@@ -167,7 +167,7 @@ pub struct RecoveryVault {
     pub created: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct ProtectedItem {
     pub vault_id: String,
     pub vm_id: String,
@@ -181,7 +181,7 @@ pub struct ProtectedItem {
     pub protected_item_data_id: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOperation {
     ConfigureBackup,
     Backup,
@@ -198,13 +198,13 @@ impl JobOperation {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
 pub struct JobFailure {
     pub code: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RestorePlan {
     pub recovery_point_id: String,
     pub storage_account_id: String,
@@ -212,7 +212,7 @@ pub struct RestorePlan {
     pub target_subscription: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Job {
     pub id: String,
     pub vault_id: String,
@@ -243,7 +243,7 @@ impl Job {
 }
 
 /// A disk as a recovery point remembers it.
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct DiskSnapshot {
     pub name: String,
     pub lun: Option<u32>,
@@ -252,7 +252,7 @@ pub struct DiskSnapshot {
     pub disk_encryption_set_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct KeyAndSecret {
     pub secret_url: String,
     pub secret_vault_id: String,
@@ -266,7 +266,7 @@ pub struct KeyAndSecret {
     pub key_backup_data: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RecoveryPoint {
     pub id: String,
     pub vault_id: String,
@@ -289,7 +289,7 @@ impl RecoveryPoint {
 }
 
 /// What an async operation's `Location` answers once it is done.
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub enum OperationResult {
     /// 204 No Content.
     NoContent,
@@ -299,7 +299,7 @@ pub enum OperationResult {
     Policy { vault_id: String, name: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Operation {
     pub id: String,
     pub start: DateTime<Utc>,
@@ -321,7 +321,7 @@ impl Operation {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct RoleAssignment {
     pub name: String,
     pub scope: String,
@@ -330,7 +330,7 @@ pub struct RoleAssignment {
     pub principal_type: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Deployment {
     pub subscription: String,
     pub resource_group: String,
@@ -350,14 +350,14 @@ pub struct Deployment {
     pub providers: Value,
 }
 
-#[derive(Debug, Clone)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Blob {
     pub content: Vec<u8>,
     pub content_type: String,
 }
 
 /// One answered request, for tests and reports.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(serde::Deserialize, Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestRecord {
     pub method: String,
@@ -368,7 +368,7 @@ pub struct RequestRecord {
     pub at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(serde::Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     /// ARM requests answered (data plane and identity are not counted).
     pub requests: u64,
@@ -378,7 +378,7 @@ pub struct Counters {
     pub writes: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Default)]
 pub struct SimState {
     pub simulation: Simulation,
     pub base_url: String,
@@ -397,9 +397,12 @@ pub struct SimState {
     /// Keyed by `account/container/blob` (account lower-case).
     pub blobs: BTreeMap<String, Blob>,
     pub subscriptions: Vec<String>,
+    /// Not kept in snapshots (`vmbackup local` persists the estate; the counters keep the totals).
+    #[serde(skip)]
     pub request_log: Vec<RequestRecord>,
     pub counters: Counters,
     /// Event Grid events produced since the server last drained them.
+    #[serde(skip)]
     pub outbox: Vec<Value>,
     /// Properties of backup policies written by PUT, keyed by lower-case policy id (fleet policies
     /// have none and render the simulator's daily default).
