@@ -1185,12 +1185,16 @@ async fn all_events_of_a_run_in_shuffled_duplicate_order_end_in_the_same_state()
 
 // ---- measured: 1,000 tagged PMK VMs ----
 
+/// CI runs 300 VMs (a few seconds); the measurement is 1,000:
+/// `VMBACKUP_PROTECTION_FLEET_SIZE=1000 cargo test --release --test protection thousand -- --nocapture`.
+/// The fleet runs 1000x faster than real time, so CPU-bound work stretches simulated time and the
+/// 5-minute vault cache expires more often than it would in Azure: a loaded machine reads more.
 #[tokio::test]
 async fn thousand_tagged_pmk_vms_are_protected_with_at_most_six_arm_requests_each() {
     let count: usize = std::env::var("VMBACKUP_PROTECTION_FLEET_SIZE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(300);
     let vms: Vec<Value> = (0..count)
         .map(|i| vm(&format!("vm-{i:04}"), tagged("DefaultPolicy"), pmk()))
         .collect();

@@ -593,7 +593,7 @@ fn put_disk(
     };
     let rendered = render_disk(&disk);
     state.disks.retain(|d| {
-        !(same(&d.subscription, sub) && same(&d.resource_group, rg) && same(&d.name, name))
+        !(same(&d.name, name) && same(&d.resource_group, rg) && same(&d.subscription, sub))
     });
     state.disks.push(disk);
     Ok(Reply::ok(rendered))

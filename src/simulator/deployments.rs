@@ -42,7 +42,7 @@ fn find<'a>(state: &'a SimState, sub: &str, rg: &str, name: &str) -> Option<&'a 
     state
         .deployments
         .iter()
-        .find(|d| same(&d.subscription, sub) && same(&d.resource_group, rg) && same(&d.name, name))
+        .find(|d| same(&d.name, name) && same(&d.resource_group, rg) && same(&d.subscription, sub))
 }
 
 fn status(d: &Deployment, now: DateTime<Utc>) -> &'static str {
@@ -112,7 +112,7 @@ fn put(state: &mut SimState, req: &Request, sub: &str, rg: &str, name: &str) -> 
     let parameters = props.get("parameters").cloned().unwrap_or(json!({}));
     let existed = find(state, sub, rg, name).is_some();
     state.deployments.retain(|d| {
-        !(same(&d.subscription, sub) && same(&d.resource_group, rg) && same(&d.name, name))
+        !(same(&d.name, name) && same(&d.resource_group, rg) && same(&d.subscription, sub))
     });
     let deployment = Deployment {
         subscription: sub.into(),

@@ -412,8 +412,10 @@ pub struct SimState {
     next_recovery_point: u64,
 }
 
+/// ARM compares names and ids case-insensitively. Lookups put the name first: names differ
+/// between resources while subscription and group mostly don't, so most comparisons end early.
 pub fn same(a: &str, b: &str) -> bool {
-    a.eq_ignore_ascii_case(b)
+    a.len() == b.len() && a.eq_ignore_ascii_case(b)
 }
 
 pub fn new_version() -> String {
@@ -773,12 +775,12 @@ impl SimState {
 
     pub fn vm(&self, sub: &str, rg: &str, name: &str) -> Option<&Vm> {
         self.vms.iter().find(|v| {
-            same(&v.subscription, sub) && same(&v.resource_group, rg) && same(&v.name, name)
+            same(&v.name, name) && same(&v.resource_group, rg) && same(&v.subscription, sub)
         })
     }
     pub fn vm_mut(&mut self, sub: &str, rg: &str, name: &str) -> Option<&mut Vm> {
         self.vms.iter_mut().find(|v| {
-            same(&v.subscription, sub) && same(&v.resource_group, rg) && same(&v.name, name)
+            same(&v.name, name) && same(&v.resource_group, rg) && same(&v.subscription, sub)
         })
     }
     pub fn vm_by_id(&self, id: &str) -> Option<&Vm> {
@@ -790,7 +792,7 @@ impl SimState {
     }
     pub fn disk(&self, sub: &str, rg: &str, name: &str) -> Option<&Disk> {
         self.disks.iter().find(|d| {
-            same(&d.subscription, sub) && same(&d.resource_group, rg) && same(&d.name, name)
+            same(&d.name, name) && same(&d.resource_group, rg) && same(&d.subscription, sub)
         })
     }
     pub fn disk_by_id(&self, id: &str) -> Option<&Disk> {
@@ -798,7 +800,7 @@ impl SimState {
     }
     pub fn key_vault(&self, sub: &str, rg: &str, name: &str) -> Option<&KeyVault> {
         self.key_vaults.iter().find(|k| {
-            same(&k.subscription, sub) && same(&k.resource_group, rg) && same(&k.name, name)
+            same(&k.name, name) && same(&k.resource_group, rg) && same(&k.subscription, sub)
         })
     }
     pub fn key_vault_by_name(&self, name: &str) -> Option<&KeyVault> {
@@ -812,7 +814,7 @@ impl SimState {
     }
     pub fn recovery_vault(&self, sub: &str, rg: &str, name: &str) -> Option<&RecoveryVault> {
         self.recovery_vaults.iter().find(|k| {
-            same(&k.subscription, sub) && same(&k.resource_group, rg) && same(&k.name, name)
+            same(&k.name, name) && same(&k.resource_group, rg) && same(&k.subscription, sub)
         })
     }
     pub fn storage_account_by_id(&self, id: &str) -> Option<&StorageAccount> {
@@ -838,7 +840,7 @@ impl SimState {
             let vm = self
                 .vms
                 .iter()
-                .find(|v| same(&v.subscription, sub) && same(&v.name, vm_name))
+                .find(|v| same(&v.name, vm_name) && same(&v.subscription, sub))
                 .ok_or_else(|| format!("no VM {vm_name:?} in subscription {sub}"))?;
             let mut disks = vec![vm.os_disk.clone()];
             disks.extend(vm.data_disks.iter().cloned());
@@ -847,7 +849,7 @@ impl SimState {
         let kv = self
             .key_vaults
             .iter_mut()
-            .find(|k| same(&k.subscription, sub) && same(&k.name, key_vault))
+            .find(|k| same(&k.name, key_vault) && same(&k.subscription, sub))
             .ok_or_else(|| format!("no key vault {key_vault:?} in subscription {sub}"))?;
         let vault_uri = kv.vault_uri(&base_url);
         let kv_id = kv.id();
