@@ -4,7 +4,10 @@
 //! The workflow never knows whether Azure is real or simulated: [`Deps::from_env`] reads endpoints
 //! and the credential from app settings, as the Functions host (or `vmbackup local`) passes them.
 
+pub mod backup_sweep;
 pub mod settings;
+pub mod track_job;
+pub mod trigger_backup;
 
 use crate::azure::backup::BackupClient;
 use crate::azure::blob::BlobClient;
@@ -98,8 +101,10 @@ impl Deps {
 /// Every function of vmbackup with its trigger and outputs: the single source of truth for
 /// routing, `functions/*/function.json` and `vmbackup package`.
 pub fn app(deps: Arc<Deps>) -> FunctionApp {
-    let _ = deps;
-    FunctionApp::new()
+    let app = FunctionApp::new();
+    let app = backup_sweep::register(app, deps.clone());
+    let app = trigger_backup::register(app, deps.clone());
+    track_job::register(app, deps)
 }
 
 /// The app as declared, for generating its layout (handlers are never called).
