@@ -7,7 +7,7 @@
 //! subscription's write budget instead of bursting past it.
 
 use super::track_job::send_event;
-use super::trigger_backup::ARM_WRITES_PER_REQUEST;
+use super::trigger_backup::{backups_started_between, ARM_WRITES_PER_REQUEST};
 use super::{settings, Deps};
 use crate::domain::backup::{
     container_vm, on_demand_allowed, retain_until, sweep_request_id, utc_day, SweepPacing,
@@ -103,6 +103,7 @@ pub async fn run(deps: &Deps, outputs: &mut Outputs) -> Result<SweepSummary, Han
     }
 
     let day = utc_day(now);
+    let pacing = pacing();
     let mut requests = Vec::new();
     for (vm_id, tags) in tagged {
         let Some(vault) = protected.get(&vm_id.canonical()) else {
@@ -133,7 +134,11 @@ pub async fn run(deps: &Deps, outputs: &mut Outputs) -> Result<SweepSummary, Han
                     requested_by: BackupRequester::Sweep,
                     remedy_applied: false,
                 };
-                requests.push(CloudEvent::start_with_id(data, subject, now, id));
+                // The request happens when it is delivered: trigger-backup counts a backup
+                // started after that time as serving it.
+                let at = deliver_at(&pacing, requests.len(), now);
+                let event = CloudEvent::start_with_id(data, subject, at.unwrap_or(now), id);
+                requests.push((event, at));
             }
             Err(rejection) => {
                 summary.rejected += 1;
@@ -147,26 +152,26 @@ pub async fn run(deps: &Deps, outputs: &mut Outputs) -> Result<SweepSummary, Han
         }
     }
     summary.requested = requests.len();
-    send_paced(deps, requests, now).await?;
+    send_paced(deps, requests).await?;
     Ok(summary)
+}
+
+/// When request number `index` is delivered; `None` for at once.
+fn deliver_at(pacing: &SweepPacing, index: usize, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let delay = pacing.delay_for(u32::try_from(index).unwrap_or(u32::MAX));
+    (!delay.is_zero()).then(|| {
+        now + chrono::Duration::from_std(delay).unwrap_or_else(|_| chrono::Duration::zero())
+    })
 }
 
 /// Send the requests, each delayed per the pacing; a retry of a failed sweep re-sends under the same
 /// ids, which Service Bus drops as duplicates.
 async fn send_paced(
     deps: &Deps,
-    requests: Vec<CloudEvent<BackupRequested>>,
-    now: DateTime<Utc>,
+    requests: Vec<(CloudEvent<BackupRequested>, Option<DateTime<Utc>>)>,
 ) -> Result<(), HandlerError> {
-    let pacing = pacing();
-    let failures: Vec<HandlerError> = stream::iter(requests.into_iter().enumerate())
-        .map(|(index, event)| {
-            let delay = pacing.delay_for(u32::try_from(index).unwrap_or(u32::MAX));
-            let at = (!delay.is_zero()).then(|| {
-                now + chrono::Duration::from_std(delay).unwrap_or_else(|_| chrono::Duration::zero())
-            });
-            async move { send_event(deps, &event, at).await }
-        })
+    let failures: Vec<HandlerError> = stream::iter(requests)
+        .map(|(event, at)| async move { send_event(deps, &event, at).await })
         .buffer_unordered(SEND_CONCURRENCY)
         .filter_map(|result| async move { result.err() })
         .collect()
@@ -246,16 +251,7 @@ async fn count_backups_today(
         .and_hms_opt(0, 0, 0)
         .unwrap_or_default()
         .and_utc();
-    // The Backup SDKs' filter time format.
-    let format = "%Y-%m-%d %I:%M:%S %p";
-    let filter = format!(
-        "operation eq 'Backup' and startTime eq '{}' and endTime eq '{}'",
-        midnight.format(format),
-        now.format(format)
-    );
-    let jobs = deps
-        .backup
-        .list_jobs(&vault.to_string(), Some(&filter))
+    let jobs = backups_started_between(deps, vault, midnight, now)
         .await
         .map_err(|e| transient("cannot list today's backup jobs", e))?;
     for job in jobs {

@@ -13,7 +13,7 @@ use crate::events::{
 use crate::runtime::{
     FunctionApp, FunctionSpec, HandlerError, Invocation, OutputBinding, Outputs, Trigger,
 };
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 
 pub const NAME: &str = "trigger-backup";
@@ -23,6 +23,25 @@ pub const ARM_WRITES_PER_REQUEST: u32 = 2;
 const OUTCOMES: &str = "outcomes";
 /// Azure Backup's answer to a second backup of an item while one runs.
 const BACKUP_IN_PROGRESS: &str = "UserErrorBackupOperationInProgress";
+/// Time format of a job list `$filter` (as the Backup SDKs send it).
+const JOB_FILTER_TIME: &str = "%Y-%m-%d %I:%M:%S %p";
+
+/// The vault's backup jobs that started between `from` and `to` (whole seconds).
+pub(crate) async fn backups_started_between(
+    deps: &Deps,
+    vault_id: &ResourceId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<BackupJob>, AzureError> {
+    let filter = format!(
+        "operation eq 'Backup' and startTime eq '{}' and endTime eq '{}'",
+        from.format(JOB_FILTER_TIME),
+        to.format(JOB_FILTER_TIME)
+    );
+    deps.backup
+        .list_jobs(&vault_id.to_string(), Some(&filter))
+        .await
+}
 /// The running backup jobs of a vault.
 const IN_PROGRESS_BACKUPS: &str = "operation eq 'Backup' and status eq 'InProgress'";
 
@@ -48,7 +67,10 @@ async fn trigger(deps: &Deps, event: CloudEvent<BackupRequested>) -> Result<Outp
     let now = deps.clock.now();
     let mut outputs = Outputs::new();
     let vm_id = event.data.vm_id.clone();
-    let job = match start_or_attach(deps, &event.data).await? {
+    // A backup of the VM started after the request was made serves it: that is how a redelivery
+    // (or a copy processed while the first attempt's job already ended) finds the job it started.
+    let served_since = event.time.min(now);
+    let job = match start_or_attach(deps, &event.data, served_since).await? {
         Ok(job) => job,
         Err(Refusal::Rejected(reason, message)) => {
             tracing::info!(vm = %vm_id, %reason, "backup rejected");
@@ -135,6 +157,7 @@ fn settle<T>(
 async fn start_or_attach(
     deps: &Deps,
     request: &BackupRequested,
+    served_since: DateTime<Utc>,
 ) -> Result<Result<FoundJob, Refusal>, HandlerError> {
     let vm_id = &request.vm_id;
     let vm = match deps.compute.get_vm(&vm_id.to_string(), false).await {
@@ -181,6 +204,9 @@ async fn start_or_attach(
         ))
     })?;
     if let Some(job) = running_backup(deps, &vault_id, vm_id).await? {
+        return Ok(Ok(job));
+    }
+    if let Some(job) = backup_started_since(deps, &vault_id, vm_id, served_since).await? {
         return Ok(Ok(job));
     }
     match deps
@@ -239,14 +265,42 @@ async fn running_backup(
         .list_jobs(&vault_id.to_string(), Some(IN_PROGRESS_BACKUPS))
         .await
         .map_err(|e| transient("cannot list the vault's running backups", e))?;
-    Ok(jobs
-        .into_iter()
-        .filter(|job| !job.properties.is_finished())
+    Ok(first_backup_of(jobs, vault_id, vm_id, |job| {
+        !job.properties.is_finished()
+    }))
+}
+
+/// The VM's backup job started at or after `since` (whatever its status), if any.
+async fn backup_started_since(
+    deps: &Deps,
+    vault_id: &ResourceId,
+    vm_id: &ResourceId,
+    since: DateTime<Utc>,
+) -> Result<Option<FoundJob>, HandlerError> {
+    let jobs = backups_started_between(deps, vault_id, since, deps.clock.now())
+        .await
+        .map_err(|e| transient("cannot list the vault's recent backups", e))?;
+    // The filter's time has whole seconds: check the start precisely.
+    Ok(first_backup_of(jobs, vault_id, vm_id, |job| {
+        job.properties
+            .start_time
+            .is_some_and(|start| start >= since.trunc_subsecs(0))
+    }))
+}
+
+fn first_backup_of(
+    jobs: Vec<BackupJob>,
+    vault_id: &ResourceId,
+    vm_id: &ResourceId,
+    wanted: impl Fn(&BackupJob) -> bool,
+) -> Option<FoundJob> {
+    jobs.into_iter()
+        .filter(|job| wanted(job))
         .find(|job| is_backup_of(job, vm_id))
         .map(|job| FoundJob {
             vault_id: vault_id.clone(),
             job_id: job.name,
             started_at: job.properties.start_time,
             attached: true,
-        }))
+        })
 }
