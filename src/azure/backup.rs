@@ -133,6 +133,10 @@ pub struct BackupJobProperties {
     pub duration: Option<String>,
     pub error_details: Vec<JobErrorDetail>,
     pub extended_info: Option<JobExtendedInfo>,
+    /// `iaasvmcontainerv2;{resource group};{vm}`: which item the job is about.
+    pub container_name: Option<String>,
+    /// False for the policy's scheduled backups.
+    pub is_user_triggered: Option<bool>,
 }
 
 impl BackupJobProperties {
@@ -147,10 +151,21 @@ impl BackupJobProperties {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct JobErrorDetail {
-    pub error_code: Option<i64>,
+    /// The swagger types this as an integer; Azure Backup's named codes
+    /// (`UserErrorKeyVaultPermissionsNotConfigured`) arrive as text: both are kept as text.
+    #[serde(deserialize_with = "optional_code")]
+    pub error_code: Option<String>,
     pub error_string: Option<String>,
     pub error_title: Option<String>,
     pub recommendations: Vec<String>,
+}
+
+fn optional_code<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -668,6 +683,36 @@ mod tests {
             "https://kv/keys/k/1"
         );
         assert!(body["properties"].get("targetResourceGroupId").is_none());
+    }
+
+    #[test]
+    fn job_error_codes_are_text_whether_named_or_numeric() {
+        let job: BackupJob = serde_json::from_value(json!({ "properties": {
+            "containerName": "iaasvmcontainerv2;rg;vm1", "isUserTriggered": true,
+            "errorDetails": [
+                { "errorCode": "UserErrorKeyVaultPermissionsNotConfigured", "errorString": "no access" },
+                { "errorCode": 400094, "errorString": "not found" },
+                { "errorString": "no code" }
+            ] } }))
+        .unwrap();
+        let codes: Vec<Option<&str>> = job
+            .properties
+            .error_details
+            .iter()
+            .map(|e| e.error_code.as_deref())
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                Some("UserErrorKeyVaultPermissionsNotConfigured"),
+                Some("400094"),
+                None
+            ]
+        );
+        assert_eq!(
+            job.properties.container_name.as_deref(),
+            Some("iaasvmcontainerv2;rg;vm1")
+        );
     }
 
     #[test]

@@ -3,9 +3,11 @@
 
 use crate::domain::eligibility::tag_value;
 use crate::domain::reason::{ReasonCode, Rejection};
+use crate::domain::ResourceId;
 use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, Utc};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// Tag with the number of days an on-demand recovery point is kept.
 pub const RETAIN_DAYS_TAG: &str = "backup-retain-days";
@@ -58,6 +60,60 @@ pub fn on_demand_count_on_day(triggered_at: &[DateTime<Utc>], now: DateTime<Utc>
 /// the VM on the current UTC day.
 pub fn on_demand_allowed(count_today: u32) -> bool {
     count_today < ON_DEMAND_BACKUPS_PER_VM_PER_DAY
+}
+
+/// Namespace of the deterministic message ids below (UUID v5).
+const BACKUP_ID_NAMESPACE: Uuid = Uuid::from_u128(0x2b8e_51d4_7c0a_4f3e_9b6d_e1a4_5c72_0f19);
+
+fn derived_id(name: &str) -> String {
+    Uuid::new_v5(&BACKUP_ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// Message id of status check number `check` of a job. Every copy of one check (a redelivery, a
+/// duplicated `job.started`, two requests attaching to one job) sends the next check under the same
+/// id, so Service Bus duplicate detection keeps a single tracking chain.
+pub fn job_check_message_id(job_id: &str, check: u32) -> String {
+    derived_id(&format!(
+        "job/{}/check/{check}",
+        job_id.to_ascii_lowercase()
+    ))
+}
+
+/// Id of the event that ends a job's tracking (one per job and event type).
+pub fn job_outcome_event_id(job_id: &str, event_type: &str) -> String {
+    derived_id(&format!("job/{}/{event_type}", job_id.to_ascii_lowercase()))
+}
+
+/// Id of the sweep's request for the VM's next on-demand backup of `day`, given how many it already
+/// had that day: a sweep that runs again before those backups started asks under the same ids.
+pub fn sweep_request_id(vm_id: &ResourceId, day: NaiveDate, backups_today: u32) -> String {
+    derived_id(&format!(
+        "sweep/{}/{day}/{backups_today}",
+        vm_id.canonical()
+    ))
+}
+
+/// `(resource group, VM name)`, lower-cased, of an IaaS VM container name
+/// (`iaasvmcontainerv2;{rg};{vm}`, also with an `IaasVMContainer;` prefix or as a protected item
+/// name `VM;iaasvmcontainerv2;{rg};{vm}`).
+pub fn container_vm(container_name: &str) -> Option<(String, String)> {
+    let mut parts = container_name.rsplit(';');
+    let vm = parts.next()?.trim();
+    let resource_group = parts.next()?.trim();
+    if vm.is_empty() || resource_group.is_empty() {
+        return None;
+    }
+    Some((resource_group.to_ascii_lowercase(), vm.to_ascii_lowercase()))
+}
+
+/// Whether a job's or item's container name is the one of this VM.
+pub fn container_is_vm(container_name: &str, vm_id: &ResourceId) -> bool {
+    let Some(resource_group) = vm_id.resource_group() else {
+        return false;
+    };
+    container_vm(container_name).is_some_and(|(rg, vm)| {
+        rg.eq_ignore_ascii_case(resource_group) && vm.eq_ignore_ascii_case(vm_id.name())
+    })
 }
 
 /// Spreads a sweep's fan-out within ARM's write budget (research-anchors D: per subscription and
@@ -313,6 +369,52 @@ mod tests {
         let history = [yesterday, at(0, 0), at(9, 0), at(23, 59)];
         assert_eq!(on_demand_count_on_day(&history, at(12, 0)), 3);
         assert_eq!(on_demand_count_on_day(&history, yesterday), 1);
+    }
+
+    #[test]
+    fn message_ids_are_deterministic_and_distinct() {
+        assert_eq!(
+            job_check_message_id("ABC", 1),
+            job_check_message_id("abc", 1)
+        );
+        assert_ne!(
+            job_check_message_id("abc", 1),
+            job_check_message_id("abc", 2)
+        );
+        assert_ne!(
+            job_outcome_event_id("abc", "vmbackup.backup.completed"),
+            job_outcome_event_id("abc", "vmbackup.backup.failed")
+        );
+        let vm = ResourceId::parse(VM).unwrap();
+        let day = utc_day(at(1, 0));
+        assert_eq!(sweep_request_id(&vm, day, 0), sweep_request_id(&vm, day, 0));
+        assert_ne!(sweep_request_id(&vm, day, 0), sweep_request_id(&vm, day, 1));
+        assert_ne!(
+            sweep_request_id(&vm, day, 0),
+            sweep_request_id(&vm, day.succ_opt().unwrap(), 0)
+        );
+    }
+
+    const VM: &str =
+        "/subscriptions/s1/resourceGroups/RG-App/providers/Microsoft.Compute/virtualMachines/vm-web-01";
+
+    #[test]
+    fn container_names_name_their_vm() {
+        let vm = ResourceId::parse(VM).unwrap();
+        for name in [
+            "iaasvmcontainerv2;rg-app;vm-web-01",
+            "IaasVMContainer;iaasvmcontainerv2;RG-APP;vm-web-01",
+            "VM;iaasvmcontainerv2;rg-app;VM-WEB-01",
+        ] {
+            assert!(container_is_vm(name, &vm), "{name}");
+        }
+        assert!(!container_is_vm("iaasvmcontainerv2;rg-app;vm-web-02", &vm));
+        assert!(!container_is_vm(
+            "iaasvmcontainerv2;rg-other;vm-web-01",
+            &vm
+        ));
+        assert_eq!(container_vm("vm-web-01"), None);
+        assert_eq!(container_vm(";;"), None);
     }
 
     #[test]

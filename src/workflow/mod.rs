@@ -5,6 +5,7 @@
 //! and the credential from app settings, as the Functions host (or `vmbackup local`) passes them.
 
 pub mod assess_vm;
+pub mod backup_sweep;
 pub mod discovery_sweep;
 pub mod enable_protection;
 pub mod grant_key_vault_access;
@@ -15,6 +16,8 @@ pub mod reinstall_ade;
 pub mod restore_webhook;
 pub mod settings;
 pub mod start_restore;
+pub mod track_job;
+pub mod trigger_backup;
 
 use crate::azure::backup::BackupClient;
 use crate::azure::blob::BlobClient;
@@ -112,7 +115,7 @@ pub fn app(deps: Arc<Deps>) -> FunctionApp {
     let vaults = Arc::new(assess_vm::VaultDirectory::new(assess_vm::VAULT_CACHE_TTL));
     let key_vault_locks = Arc::new(enable_protection::KeyedLocks::default());
     let vm_locks = Arc::new(enable_protection::KeyedLocks::default());
-    FunctionApp::new()
+    let app = FunctionApp::new()
         .function(on_vm_event::spec(), {
             let (deps, vaults) = (deps.clone(), vaults.clone());
             move |invocation| on_vm_event::handle(deps.clone(), vaults.clone(), invocation)
@@ -154,7 +157,10 @@ pub fn app(deps: Arc<Deps>) -> FunctionApp {
         .function(restore_webhook::spec(), {
             let deps = deps.clone();
             move |inv| restore_webhook::handle(deps.clone(), inv)
-        })
+        });
+    let app = backup_sweep::register(app, deps.clone());
+    let app = trigger_backup::register(app, deps.clone());
+    track_job::register(app, deps)
 }
 
 /// The app as declared, for generating its layout (handlers are never called).
