@@ -1,21 +1,21 @@
-//! Restore choreography end to end against the simulator: start-restore → (track-job) →
-//! recreate-vm → reinstall-ade, the reason codes of start-restore, the webhook, and one restore per
-//! ticket.
-//!
-//! track-job is another function (not on this branch yet): where it would turn the completed
-//! RestoreDisks job into `restore.disks-restored`, these tests wait for the simulator's job to
-//! complete and send that event themselves, built from the job's extended info as track-job does.
+//! Restore choreography end to end against the simulator, through the real chain: start-restore →
+//! job.started → track-job → restore.disks-restored → recreate-vm → restore.vm-recreated →
+//! reinstall-ade → restore.completed → notify (POST to the ticket's callback, served by this test).
+//! Also: the reason codes of start-restore, the webhook (direct and through the host's front door),
+//! `vmbackup restore` against the local Service Bus endpoint, and one restore per ticket.
 
 mod support;
 
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::{Harness, Options};
 use vmbackup::azure::backup::ProtectedItemRef;
 use vmbackup::domain::restore::RestoreRequestFields;
-use vmbackup::domain::ResourceId;
-use vmbackup::events::{queues, CloudEvent, JobStarted, RestoreDisksRestored, TrackedJob};
+use vmbackup::events::{queues, CloudEvent};
 use vmbackup::simulator::fleet::TimelineAction;
 use vmbackup::workflow::settings;
 
@@ -71,16 +71,92 @@ fn staging() -> String {
     format!("/subscriptions/{SUB}/resourceGroups/rg-backup/providers/Microsoft.Storage/storageAccounts/stweustaging")
 }
 
-async fn start() -> Harness {
+async fn start() -> (Harness, Callbacks) {
     let settings = HashMap::from([(settings::STAGING_STORAGE_ACCOUNT.to_string(), staging())]);
-    Harness::start_with(&fleet(), Options { settings }).await
+    let harness = Harness::start_with(&fleet(), Options { settings }).await;
+    (harness, Callbacks::serve().await)
 }
 
-fn request(vm: &str, ticket: &str) -> RestoreRequestFields {
+/// One POST a ticket's callback received, and the status it was answered with.
+#[derive(Clone, Debug)]
+struct CallbackCall {
+    ticket: String,
+    status: u16,
+    event: Value,
+}
+
+/// The ticket system's side: answers `POST /hooks/{ticket}` with 500 as many times as scripted for
+/// the ticket, then 200, and records every call.
+#[derive(Clone, Default)]
+struct Callbacks {
+    base: String,
+    calls: Arc<Mutex<Vec<CallbackCall>>>,
+    failures_left: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Callbacks {
+    async fn serve() -> Callbacks {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let callbacks = Callbacks {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            ..Default::default()
+        };
+        let router = axum::Router::new()
+            .route("/hooks/{ticket}", axum::routing::post(Self::answer))
+            .with_state(callbacks.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        callbacks
+    }
+
+    async fn answer(
+        State(callbacks): State<Callbacks>,
+        Path(ticket): Path<String>,
+        body: axum::body::Bytes,
+    ) -> StatusCode {
+        let status = {
+            let mut failures = callbacks.failures_left.lock().unwrap();
+            match failures.get_mut(&ticket) {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => StatusCode::OK,
+            }
+        };
+        callbacks.calls.lock().unwrap().push(CallbackCall {
+            ticket,
+            status: status.as_u16(),
+            event: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        });
+        status
+    }
+
+    fn url(&self, ticket: &str) -> String {
+        format!("{}/hooks/{ticket}", self.base)
+    }
+
+    fn fail_next(&self, ticket: &str, times: u32) {
+        self.failures_left
+            .lock()
+            .unwrap()
+            .insert(ticket.to_string(), times);
+    }
+
+    fn calls_for(&self, ticket: &str) -> Vec<CallbackCall> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|c| c.ticket == ticket)
+            .cloned()
+            .collect()
+    }
+}
+
+fn request(callbacks: &Callbacks, vm: &str, ticket: &str) -> RestoreRequestFields {
     RestoreRequestFields {
         ticket_id: Some(ticket.into()),
         vm_id: Some(vm_id(vm)),
-        callback_url: Some(format!("https://tickets.example/hooks/{ticket}")),
+        callback_url: Some(callbacks.url(ticket)),
         ..Default::default()
     }
 }
@@ -121,12 +197,12 @@ async fn one_event(h: &Harness, event_type: &str, ticket: &str) -> Value {
     .await
 }
 
-/// Until every restore request sent so far has been handled.
-async fn requests_handled(h: &Harness) {
-    eventually("restore-requests to drain", || {
-        (h.queue.active_count_in(queues::RESTORE_REQUESTS).ok()? == 0).then_some(())
-    })
-    .await;
+/// Until nothing is running, in flight or scheduled (restore jobs are tracked by scheduled checks).
+async fn idle(h: &Harness) {
+    assert!(
+        h.wait_idle(Duration::from_secs(60)).await,
+        "the workflow did not come to rest"
+    );
 }
 
 /// An on-demand backup, so the VM has a recovery point.
@@ -150,56 +226,20 @@ async fn back_up(h: &Harness, vm: &str) {
     .await;
 }
 
-/// What track-job does for a completed restore job: `restore.disks-restored` from its extended info.
-async fn disks_restored_like_track_job(h: &Harness, started: &Value) {
-    let started: CloudEvent<JobStarted> = serde_json::from_value(started.clone()).unwrap();
-    let job_id = started.data.job_id.clone();
-    eventually("the restore job", || {
-        let done = h
-            .sim
-            .with_state(|s| s.jobs.iter().any(|j| j.id == job_id && j.finalized));
-        done.then_some(())
-    })
-    .await;
-    let job = h.deps.backup.get_job(&vault_id(), &job_id).await.unwrap();
-    assert_eq!(job.properties.status.as_deref(), Some("Completed"));
-    let bag = job.properties.extended_info.unwrap().property_bag;
-    let TrackedJob::Restore(restore) = started.data.job.clone() else {
-        panic!("a restore job is tracked as a restore");
-    };
-    let account = bag.get("Target Storage Account Name").map(|name| {
-        ResourceId::parse(&format!(
-            "/subscriptions/{SUB}/resourceGroups/rg-backup/providers/Microsoft.Storage/storageAccounts/{name}"
-        ))
-        .unwrap()
-    });
-    let event = started.follow(
-        RestoreDisksRestored {
-            restore,
-            job_id,
-            template_blob_uri: bag.get("Template Blob Uri").cloned(),
-            config_blob_uri: bag.get("Config Blob Uri").cloned(),
-            encryption_info_blob_uri: bag.get("Encryption Info Blob Uri").cloned(),
-            target_storage_account_id: account,
-        },
-        "",
-        h.clock.now(),
-    );
-    h.send(&event);
-}
-
 struct Restored {
     completed: Value,
     encryption_info_blob: Option<String>,
 }
 
-/// One ticket from request to `restore.completed`.
+/// One ticket from request to `restore.completed`, through the whole chain.
 async fn restore(h: &Harness, fields: RestoreRequestFields) -> Restored {
     let ticket = fields.ticket_id.clone().unwrap();
     send_request(h, fields);
-    let started = one_event(h, "vmbackup.job.started", &ticket).await;
-    disks_restored_like_track_job(h, &started).await;
+    idle(h).await;
+    let started = events_for(h, "vmbackup.job.started", &ticket);
+    assert!(!started.is_empty(), "track-job follows the restore job");
     let disks = one_event(h, "vmbackup.restore.disks-restored", &ticket).await;
+    one_event(h, "vmbackup.restore.vm-recreated", &ticket).await;
     let completed = one_event(h, "vmbackup.restore.completed", &ticket).await;
     Restored {
         completed,
@@ -290,23 +330,46 @@ fn assert_like_original(original: &VmFacts, restored: &VmFacts) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ade_and_cmk_vms_are_restored_end_to_end() {
-    let h = start().await;
+    let (h, cb) = start().await;
     for vm in ["vm-lin-kek", "vm-win-bek", "vm-lin-gone", "vm-cmk"] {
         back_up(&h, vm).await;
     }
 
     // Linux ADE with a KEK.
     let original = facts(&h, "vm-lin-kek");
-    let done = restore(&h, request("vm-lin-kek", "INC-1001")).await;
+    // The ticket system answers 500 twice before it takes the outcome.
+    cb.fail_next("INC-1001", 2);
+    let done = restore(&h, request(&cb, "vm-lin-kek", "INC-1001")).await;
     let restored_id = done.completed["data"]["restoredVmId"].as_str().unwrap();
     assert!(
         restored_id.ends_with("/virtualMachines/vm-lin-kek-restored-inc-1001"),
         "{restored_id}"
     );
     assert_eq!(done.completed["data"]["adeReinstalled"], true);
+    assert_eq!(done.completed["data"]["callbackUrl"], cb.url("INC-1001"));
+    let calls = cb.calls_for("INC-1001");
     assert_eq!(
-        done.completed["data"]["callbackUrl"],
-        "https://tickets.example/hooks/INC-1001"
+        calls.iter().map(|c| c.status).collect::<Vec<_>>(),
+        [500, 500, 200],
+        "notify retries the callback until it takes the outcome"
+    );
+    assert!(calls
+        .iter()
+        .all(|c| c.event["type"] == "vmbackup.restore.completed"
+            && c.event["id"] == done.completed["id"]));
+    let notified: Vec<Value> = h
+        .events_of("vmbackup.restore.completed")
+        .into_iter()
+        .filter(|e| e["ticketid"] == "INC-1001" && e["data"]["restoredVmId"] == restored_id)
+        .collect();
+    assert_eq!(
+        notified.len(),
+        2,
+        "the outcome, and its copy on notifications"
+    );
+    assert!(
+        notified.iter().all(|e| e.get("callbackerror").is_none()),
+        "{notified:?}"
     );
     let restored = facts(&h, "vm-lin-kek-restored-inc-1001");
     assert_like_original(&original, &restored);
@@ -350,7 +413,7 @@ async fn ade_and_cmk_vms_are_restored_end_to_end() {
 
     // Windows ADE, BEK only.
     let original = facts(&h, "vm-win-bek");
-    let done = restore(&h, request("vm-win-bek", "INC-1002")).await;
+    let done = restore(&h, request(&cb, "vm-win-bek", "INC-1002")).await;
     let restored = facts(&h, "vm-win-bek-restored-inc-1002");
     assert_like_original(&original, &restored);
     assert!(restored
@@ -383,7 +446,7 @@ async fn ade_and_cmk_vms_are_restored_end_to_end() {
         })
         .unwrap();
     let original = facts(&h, "vm-lin-gone");
-    restore(&h, request("vm-lin-gone", "INC-1003")).await;
+    restore(&h, request(&cb, "vm-lin-gone", "INC-1003")).await;
     let (key_back, secret_back) = h.sim.with_state(|s| {
         let kv = s.key_vault_by_name("kv-ade-weu").unwrap();
         (kv.key("kek-2").is_some(), kv.secret("bek-gone").is_some())
@@ -408,7 +471,7 @@ async fn ade_and_cmk_vms_are_restored_end_to_end() {
 
     // CMK: no ADE step, the disks keep their disk encryption set.
     let original = facts(&h, "vm-cmk");
-    let done = restore(&h, request("vm-cmk", "INC-1004")).await;
+    let done = restore(&h, request(&cb, "vm-cmk", "INC-1004")).await;
     assert_eq!(done.completed["data"]["adeReinstalled"], false);
     assert!(done.encryption_info_blob.is_none());
     let restored = facts(&h, "vm-cmk-restored-inc-1004");
@@ -431,19 +494,24 @@ async fn ade_and_cmk_vms_are_restored_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_ticket_twice_makes_one_restore_job_and_one_vm() {
-    let h = start().await;
+    let (h, cb) = start().await;
     back_up(&h, "vm-lin-kek").await;
-    send_request(&h, request("vm-lin-kek", "INC-2001"));
-    let started = one_event(&h, "vmbackup.job.started", "INC-2001").await;
+    send_request(&h, request(&cb, "vm-lin-kek", "INC-2001"));
+    one_event(&h, "vmbackup.job.started", "INC-2001").await;
     // Again while the first is in flight (the job runs 600 simulated seconds).
-    send_request(&h, request("vm-lin-kek", "INC-2001"));
-    requests_handled(&h).await;
-    disks_restored_like_track_job(&h, &started).await;
+    send_request(&h, request(&cb, "vm-lin-kek", "INC-2001"));
+    idle(&h).await;
     one_event(&h, "vmbackup.restore.completed", "INC-2001").await;
     // And once more after it is done.
-    send_request(&h, request("vm-lin-kek", "INC-2001"));
-    requests_handled(&h).await;
-    assert_eq!(events_for(&h, "vmbackup.job.started", "INC-2001").len(), 1);
+    send_request(&h, request(&cb, "vm-lin-kek", "INC-2001"));
+    idle(&h).await;
+    // track-job's status checks travel as `job.started` too: one job id among them.
+    let tracked: std::collections::BTreeSet<String> =
+        events_for(&h, "vmbackup.job.started", "INC-2001")
+            .iter()
+            .map(|e| e["data"]["jobId"].as_str().unwrap().to_string())
+            .collect();
+    assert_eq!(tracked.len(), 1, "{tracked:?}");
     assert!(events_for(&h, "vmbackup.restore.rejected", "INC-2001").is_empty());
     let (restore_jobs, restored_vms, tagged) = h.sim.with_state(|s| {
         (
@@ -467,12 +535,15 @@ async fn the_same_ticket_twice_makes_one_restore_job_and_one_vm() {
         !tagged,
         "the ticket tag is removed once the restore completed"
     );
+    let calls = cb.calls_for("INC-2001");
+    assert_eq!(calls.len(), 1, "one outcome for the ticket: {calls:?}");
+    assert_eq!(calls[0].event["type"], "vmbackup.restore.completed");
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reason_code_is_a_rejection() {
-    let h = start().await;
+    let (h, cb) = start().await;
     back_up(&h, "vm-lin-kek").await;
     back_up(&h, "vm-plain").await;
     let other_vm = format!("/subscriptions/{OTHER_SUB}/resourceGroups/rg-app/providers/Microsoft.Compute/virtualMachines/vm-x");
@@ -480,7 +551,7 @@ async fn every_reason_code_is_a_rejection() {
         (
             RestoreRequestFields {
                 vm_id: Some(other_vm),
-                ..request("vm-lin-kek", "REJ-1")
+                ..request(&cb, "vm-lin-kek", "REJ-1")
             },
             "ScopeNotAllowed",
         ),
@@ -489,43 +560,43 @@ async fn every_reason_code_is_a_rejection() {
                 target_resource_group: Some(format!(
                     "/subscriptions/{OTHER_SUB}/resourceGroups/rg"
                 )),
-                ..request("vm-lin-kek", "REJ-2")
+                ..request(&cb, "vm-lin-kek", "REJ-2")
             },
             "CrossSubscriptionRestore",
         ),
-        (request("vm-unprotected", "REJ-3"), "NotProtected"),
+        (request(&cb, "vm-unprotected", "REJ-3"), "NotProtected"),
         (
             RestoreRequestFields {
                 recovery_point: Some("2001-01-01T00:00:00Z".into()),
-                ..request("vm-lin-kek", "REJ-4")
+                ..request(&cb, "vm-lin-kek", "REJ-4")
             },
             "RecoveryPointNotFound",
         ),
         (
             RestoreRequestFields {
                 mode: Some("replace-existing".into()),
-                ..request("vm-lin-kek", "REJ-5")
+                ..request(&cb, "vm-lin-kek", "REJ-5")
             },
             "ReplaceExistingUnsupported",
         ),
         (
             RestoreRequestFields {
                 mode: Some("alternate-location".into()),
-                ..request("vm-lin-kek", "REJ-6")
+                ..request(&cb, "vm-lin-kek", "REJ-6")
             },
             "AlternateLocationUnsupported",
         ),
         (
             RestoreRequestFields {
                 mode: Some("files".into()),
-                ..request("vm-lin-kek", "REJ-7")
+                ..request(&cb, "vm-lin-kek", "REJ-7")
             },
             "FileLevelRestoreUnsupported",
         ),
         (
             RestoreRequestFields {
                 vm_id: Some("vm-lin-kek".into()),
-                ..request("vm-lin-kek", "REJ-8")
+                ..request(&cb, "vm-lin-kek", "REJ-8")
             },
             "InvalidRequest",
         ),
@@ -537,10 +608,7 @@ async fn every_reason_code_is_a_rejection() {
         let ticket = fields.ticket_id.clone().unwrap();
         let rejected = one_event(&h, "vmbackup.restore.rejected", &ticket).await;
         assert_eq!(rejected["data"]["reason"], *code, "{rejected}");
-        assert_eq!(
-            rejected["data"]["callbackUrl"],
-            format!("https://tickets.example/hooks/{ticket}")
-        );
+        assert_eq!(rejected["data"]["callbackUrl"], cb.url(&ticket));
     }
     let invalid = one_event(&h, "vmbackup.restore.rejected", "REJ-8").await;
     assert!(invalid["data"]["message"]
@@ -562,7 +630,7 @@ async fn every_reason_code_is_a_rejection() {
         &h,
         RestoreRequestFields {
             mode: Some("replace-existing".into()),
-            ..request("vm-plain", "REJ-10")
+            ..request(&cb, "vm-plain", "REJ-10")
         },
     );
     let failed = one_event(&h, "vmbackup.restore.failed", "REJ-10").await;
@@ -576,6 +644,19 @@ async fn every_reason_code_is_a_rejection() {
     );
     assert_eq!(failed["data"]["azureCode"], "BMSUserErrorInvalidInput");
     assert!(h.events_of("vmbackup.job.started").is_empty());
+
+    // Every outcome reached its ticket's callback.
+    idle(&h).await;
+    for (fields, code) in &cases {
+        let ticket = fields.ticket_id.clone().unwrap();
+        let calls = cb.calls_for(&ticket);
+        assert_eq!(calls.len(), 1, "{ticket}: {calls:?}");
+        assert_eq!(calls[0].event["type"], "vmbackup.restore.rejected");
+        assert_eq!(calls[0].event["data"]["reason"], *code);
+    }
+    let calls = cb.calls_for("REJ-10");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].event["type"], "vmbackup.restore.failed");
     h.stop().await;
 }
 
@@ -605,7 +686,7 @@ async fn call_webhook(h: &Harness, body: &str) -> (u16, Value, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_answers_202_with_the_correlation_id_or_400_naming_the_field() {
-    let h = start().await;
+    let (h, _callbacks) = start().await;
     let body =
         json!({ "ticketId": "WEB-1", "vmId": vm_id("vm-lin-kek"), "recoveryPoint": "latest" })
             .to_string();
@@ -639,5 +720,81 @@ async fn the_webhook_answers_202_with_the_correlation_id_or_400_naming_the_field
         assert_eq!(answer["field"], field, "{answer}");
         assert!(enqueued.is_null(), "nothing is enqueued for a bad request");
     }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_through_the_front_door_and_the_cli_are_restored() {
+    let (h, cb) = start().await;
+    back_up(&h, "vm-win-bek").await;
+    back_up(&h, "vm-cmk").await;
+    let webhook = format!("{}/api/restore-webhook", h.front_door_url);
+    let http = reqwest::Client::new();
+
+    // The webhook as a ticket system calls it: through the host's HTTP front door, with a key.
+    let body = json!({ "ticketId": "DOOR-1", "vmId": vm_id("vm-win-bek"), "callbackUrl": cb.url("DOOR-1") });
+    let unauthorized = http.post(&webhook).json(&body).send().await.unwrap();
+    assert_eq!(unauthorized.status(), 401, "the function key is required");
+    let answer = http
+        .post(&webhook)
+        .query(&[("code", support::FUNCTION_KEY)])
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let answer: Value = answer.json().await.unwrap();
+    let correlation = answer["correlationId"].as_str().unwrap().to_string();
+    let bad = http
+        .post(&webhook)
+        .header("x-functions-key", support::FUNCTION_KEY)
+        .json(&json!({ "ticketId": "DOOR-2", "vmId": "vm-win-bek" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.json::<Value>().await.unwrap()["field"], "vmId");
+
+    // `vmbackup restore` against the local Service Bus endpoint, as against Azure.
+    let cli = |ticket: &str, vm: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmbackup"))
+            .args(["restore", "--vm", &vm, "--ticket", ticket])
+            .args(["--callback", &cb.url(ticket)])
+            .env("ServiceBusConnection", h.service_bus_connection_string())
+            .env("VMBACKUP_SERVICEBUS_ENDPOINT", &h.service_bus_url)
+            .env_remove("ServiceBusConnection__fullyQualifiedNamespace")
+            .output()
+            .unwrap()
+    };
+    let sent = cli("CLI-1", vm_id("vm-cmk"));
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(String::from_utf8_lossy(&sent.stdout).contains("CLI-1"));
+    let refused = cli("CLI-2", "vm-cmk".to_string());
+    assert_eq!(refused.status.code(), Some(2), "bad input is a usage error");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("vmId"));
+
+    idle(&h).await;
+    let door = one_event(&h, "vmbackup.restore.completed", "DOOR-1").await;
+    assert_eq!(door["correlationid"], correlation.as_str());
+    assert!(door["data"]["restoredVmId"]
+        .as_str()
+        .unwrap()
+        .ends_with("/vm-win-bek-restored-door-1"));
+    let by_cli = one_event(&h, "vmbackup.restore.completed", "CLI-1").await;
+    assert!(by_cli["data"]["restoredVmId"]
+        .as_str()
+        .unwrap()
+        .ends_with("/vm-cmk-restored-cli-1"));
+    for ticket in ["DOOR-1", "CLI-1"] {
+        let calls = cb.calls_for(ticket);
+        assert_eq!(calls.len(), 1, "{ticket}: {calls:?}");
+        assert_eq!(calls[0].event["type"], "vmbackup.restore.completed");
+    }
+    assert!(events_for(&h, "vmbackup.restore.requested", "DOOR-2").is_empty());
+    assert!(events_for(&h, "vmbackup.restore.requested", "CLI-2").is_empty());
     h.stop().await;
 }

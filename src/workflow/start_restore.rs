@@ -11,6 +11,7 @@
 //! A later request with the same ticket finds the tag (in flight, or done when the job completed) or
 //! the restored VM (done, tag already removed by reinstall-ade) and starts nothing.
 
+use super::track_job::send_event;
 use super::Deps;
 use crate::azure::backup::{
     EncryptionDetails, IaasVmRestoreRequest, KeyAndSecretDetails, ProtectedItemRef, RecoveryType,
@@ -394,20 +395,9 @@ pub async fn handle(
         Started::Job(job_started) => {
             let delay = crate::domain::backup::JobTrackingPolicy::restore().first_delay;
             match &deps.sender {
-                Some(sender) => {
+                Some(_) => {
                     let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                    let message = crate::azure::servicebus::OutgoingMessage {
-                        body: serde_json::to_value(&job_started)
-                            .map_err(HandlerError::transient)?,
-                        message_id: job_started.id.clone(),
-                        correlation_id: Some(job_started.correlationid.clone()),
-                        label: Some(JobStarted::TYPE.to_string()),
-                        scheduled_enqueue_time: Some(at),
-                    };
-                    sender
-                        .send(JobStarted::QUEUE, &message)
-                        .await
-                        .map_err(HandlerError::transient)?;
+                    send_event(&deps, &*job_started, Some(at)).await?;
                 }
                 None => outputs.push(TRACKING, &job_started)?,
             }

@@ -29,6 +29,8 @@ use vmbackup::workflow::{settings, Deps, Settings};
 
 pub const SAS_KEY_NAME: &str = "RootManageSharedAccessKey";
 pub const NAMESPACE: &str = "vmbackup-local";
+/// The function key the host's HTTP front door accepts (`?code=` or `x-functions-key`).
+pub const FUNCTION_KEY: &str = "test-function-key";
 /// Timers are fired by the tests (`fire_timer`), never by the clock.
 pub const NEVER: &str = "0 0 0 1 1 *";
 
@@ -71,6 +73,11 @@ pub struct Harness {
     pub clock: Clock,
     pub handler_url: String,
     pub state_dir: PathBuf,
+    /// The host's HTTP front door (HTTP triggers under `/api/…`, key [`FUNCTION_KEY`]).
+    pub front_door_url: String,
+    /// The local Service Bus endpoint (`http://addr/`) and its SAS key for [`SAS_KEY_NAME`].
+    pub service_bus_url: String,
+    pub sas_key: String,
     endpoint: Option<RunningEndpoint>,
     handler_stop: Option<tokio::sync::oneshot::Sender<()>>,
     forwarder: tokio::task::JoinHandle<()>,
@@ -135,7 +142,7 @@ impl Harness {
             namespace: NAMESPACE.to_string(),
             sas: Some(SasKey {
                 policy_name: SAS_KEY_NAME.to_string(),
-                key: sas_key,
+                key: sas_key.clone(),
             }),
             endpoint_override: Some(format!("http://{}/", endpoint.addr).parse().unwrap()),
         });
@@ -188,7 +195,11 @@ impl Harness {
         host_config.target = HandlerTarget::Url(handler_url.clone());
         host_config.app_settings = app_settings;
         host_config.clock = clock;
+        host_config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+        host_config.function_keys = vec![FUNCTION_KEY.to_string()];
         let host = Host::start(host_config).await.expect("host starts");
+        let front_door_url = format!("http://{}", host.http_addr().expect("front door listens"));
+        let service_bus_url = format!("http://{}/", endpoint.addr);
         Harness {
             sim,
             queue,
@@ -197,6 +208,9 @@ impl Harness {
             clock,
             handler_url,
             state_dir,
+            front_door_url,
+            service_bus_url,
+            sas_key,
             endpoint: Some(endpoint),
             handler_stop: Some(handler_stop),
             forwarder,
@@ -209,6 +223,15 @@ impl Harness {
         message.properties.message_id = Some(event.id.clone());
         message.properties.content_type = Some("application/json".into());
         self.queue.send(T::QUEUE, &message).unwrap();
+    }
+
+    /// A Service Bus connection string for the local endpoint (send it to [`Self::service_bus_url`]
+    /// through `VMBACKUP_SERVICEBUS_ENDPOINT`).
+    pub fn service_bus_connection_string(&self) -> String {
+        format!(
+            "Endpoint=sb://{NAMESPACE}.servicebus.windows.net/;SharedAccessKeyName={SAS_KEY_NAME};SharedAccessKey={}",
+            self.sas_key
+        )
     }
 
     /// Put raw bytes on a queue (malformed-message tests).
