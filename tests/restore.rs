@@ -489,6 +489,7 @@ async fn ade_and_cmk_vms_are_restored_end_to_end() {
         "{:?}",
         h.events_of("vmbackup.restore.failed")
     );
+    assert_eq!(h.queue.dead_letter_count().unwrap(), 0);
     h.stop().await;
 }
 
@@ -535,6 +536,7 @@ async fn the_same_ticket_twice_makes_one_restore_job_and_one_vm() {
         !tagged,
         "the ticket tag is removed once the restore completed"
     );
+    assert_eq!(h.queue.dead_letter_count().unwrap(), 0);
     let calls = cb.calls_for("INC-2001");
     assert_eq!(calls.len(), 1, "one outcome for the ticket: {calls:?}");
     assert_eq!(calls[0].event["type"], "vmbackup.restore.completed");
