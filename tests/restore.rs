@@ -537,6 +537,42 @@ async fn the_same_ticket_twice_makes_one_restore_job_and_one_vm() {
         "the ticket tag is removed once the restore completed"
     );
     assert_eq!(h.queue.dead_letter_count().unwrap(), 0);
+
+    // The later steps delivered again (at least once): same outcome, same ids, nothing new.
+    for (function, input, output_type) in [
+        (
+            "recreate-vm",
+            "vmbackup.restore.disks-restored",
+            "vmbackup.restore.vm-recreated",
+        ),
+        (
+            "reinstall-ade",
+            "vmbackup.restore.vm-recreated",
+            "vmbackup.restore.completed",
+        ),
+    ] {
+        let first = one_event(&h, input, "INC-2001").await;
+        let (status, answer) = h.invoke(function, &first, 2).await;
+        assert_eq!(status, 200, "{function}: {answer}");
+        let outputs: Vec<Value> = answer["Outputs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+            .collect();
+        let original = one_event(&h, output_type, "INC-2001").await;
+        assert_eq!(outputs.len(), 1, "{function}: {answer}");
+        assert_eq!(outputs[0]["type"], output_type);
+        assert_eq!(outputs[0]["id"], original["id"], "{function}");
+    }
+    let vms_after = h.sim.with_state(|s| {
+        s.vms
+            .iter()
+            .filter(|v| v.name.starts_with("vm-lin-kek-restored"))
+            .count()
+    });
+    assert_eq!(vms_after, 1);
+
     let calls = cb.calls_for("INC-2001");
     assert_eq!(calls.len(), 1, "one outcome for the ticket: {calls:?}");
     assert_eq!(calls[0].event["type"], "vmbackup.restore.completed");
@@ -658,6 +694,28 @@ async fn every_reason_code_is_a_rejection() {
     }
     let calls = cb.calls_for("REJ-10");
     assert_eq!(calls.len(), 1, "{calls:?}");
+
+    // A callback that never answers 2xx: notify gives up after its attempts, and the outcome stays
+    // on notifications with a note of what failed.
+    cb.fail_next("REJ-11", u32::MAX);
+    send_request(
+        &h,
+        RestoreRequestFields {
+            mode: Some("files".into()),
+            ..request(&cb, "vm-lin-kek", "REJ-11")
+        },
+    );
+    idle(&h).await;
+    assert_eq!(cb.calls_for("REJ-11").len(), 4, "every attempt is made");
+    let kept: Vec<Value> = events_for(&h, "vmbackup.restore.rejected", "REJ-11")
+        .into_iter()
+        .filter(|e| e.get("callbackerror").is_some())
+        .collect();
+    assert_eq!(kept.len(), 1, "the outcome is kept on notifications");
+    assert!(kept[0]["callbackerror"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP 500"));
     assert_eq!(calls[0].event["type"], "vmbackup.restore.failed");
     h.stop().await;
 }

@@ -15,7 +15,7 @@ use crate::domain::encryption::EncryptionKind;
 use crate::domain::resource_id::types;
 use crate::domain::restore::split_object_url;
 use crate::domain::ResourceId;
-use crate::events::{queues, CloudEvent, RestoreDisksRestored, RestoreVmRecreated};
+use crate::events::{queues, CloudEvent, RestoreContext, RestoreDisksRestored, RestoreVmRecreated};
 use crate::runtime::{FunctionSpec, HandlerError, Invocation, OutputBinding, Outputs, Trigger};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -196,38 +196,49 @@ impl StepError {
     }
 }
 
-/// Deploy the template (once: a retry finds its own deployment) and return the VM's id.
-async fn deploy(deps: &Deps, event: &RestoreDisksRestored) -> Result<ResourceId, StepError> {
+fn restored_vm_id(restore: &RestoreContext) -> Result<ResourceId, StepError> {
+    let target = &restore.target_resource_group_id;
+    ResourceId::resource(
+        target.subscription_id(),
+        target.name(),
+        types::VIRTUAL_MACHINE,
+        &restore.restored_vm_name,
+    )
+    .map_err(|e| StepError::Refused(format!("restored VM name: {e}"), None))
+}
+
+/// Whether an earlier delivery already deployed the VM under the ticket's deployment name. A running
+/// deployment is that delivery's to follow: this copy is retried later.
+async fn deployed_before(deps: &Deps, restore: &RestoreContext) -> Result<bool, StepError> {
+    let target = &restore.target_resource_group_id;
+    match deps
+        .deployments
+        .get(
+            target.subscription_id(),
+            target.name(),
+            &restore.deployment_name,
+        )
+        .await
+    {
+        Ok(found) => match found.properties.provisioning_state.as_deref() {
+            Some("Succeeded") => Ok(true),
+            Some("Failed" | "Canceled") => Ok(false),
+            _ => Err(StepError::Retry(format!(
+                "deployment {} is still running",
+                restore.deployment_name
+            ))),
+        },
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(StepError::from_azure(e, "reading the deployment")),
+    }
+}
+
+/// Deploy the generated template into the target resource group under the ticket's deployment name.
+async fn deploy(deps: &Deps, event: &RestoreDisksRestored) -> Result<(), StepError> {
     let restore = &event.restore;
     let target = &restore.target_resource_group_id;
     let subscription = target.subscription_id();
     let resource_group = target.name();
-    let vm_id = ResourceId::resource(
-        subscription,
-        resource_group,
-        types::VIRTUAL_MACHINE,
-        &restore.restored_vm_name,
-    )
-    .map_err(|e| StepError::Refused(format!("restored VM name: {e}"), None))?;
-    match deps
-        .deployments
-        .get(subscription, resource_group, &restore.deployment_name)
-        .await
-    {
-        Ok(found) => match found.properties.provisioning_state.as_deref() {
-            Some("Succeeded") => return Ok(vm_id),
-            Some("Failed" | "Canceled") => {}
-            // Running: the earlier delivery is following it; let the host retry this copy later.
-            _ => {
-                return Err(StepError::Retry(format!(
-                    "deployment {} is still running",
-                    restore.deployment_name
-                )))
-            }
-        },
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(StepError::from_azure(e, "reading the deployment")),
-    }
     let template_uri = event.template_blob_uri.as_deref().ok_or_else(|| {
         StepError::Refused("the restore job reported no template blob".into(), None)
     })?;
@@ -250,7 +261,7 @@ async fn deploy(deps: &Deps, event: &RestoreDisksRestored) -> Result<ResourceId,
         )
         .await
         .map_err(|e| StepError::from_azure(e, "deploying the restore template"))?;
-    Ok(vm_id)
+    Ok(())
 }
 
 pub async fn handle(
@@ -263,6 +274,12 @@ pub async fn handle(
     let restore = &data.restore;
     let mut outputs = Outputs::new();
     let result = async {
+        let restored_vm_id = restored_vm_id(restore)?;
+        // Done by an earlier delivery. Its keys were put back before it deployed, and reinstall-ade
+        // may have deleted the encryption-info blob since: nothing more to read or write.
+        if deployed_before(&deps, restore).await? {
+            return Ok(restored_vm_id);
+        }
         if let (EncryptionKind::Ade(_), Some(info_uri)) = (
             &restore.encryption,
             data.encryption_info_blob_uri.as_deref(),
@@ -281,7 +298,8 @@ pub async fn handle(
                 ensure_secret(&deps, details, restore.vm_id.name(), &restore.os_type).await?;
             }
         }
-        deploy(&deps, data).await
+        deploy(&deps, data).await?;
+        Ok(restored_vm_id)
     }
     .await;
     match result {

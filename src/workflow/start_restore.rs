@@ -11,7 +11,7 @@
 //! A later request with the same ticket finds the tag (in flight, or done when the job completed) or
 //! the restored VM (done, tag already removed by reinstall-ade) and starts nothing.
 
-use super::track_job::send_event;
+use super::track_job::{azure_code, send_event};
 use super::Deps;
 use crate::azure::backup::{
     EncryptionDetails, IaasVmRestoreRequest, KeyAndSecretDetails, ProtectedItemRef, RecoveryType,
@@ -61,15 +61,6 @@ pub(crate) fn transient_or(error: AzureError) -> Result<AzureError, HandlerError
         Err(HandlerError::transient(error))
     } else {
         Ok(error)
-    }
-}
-
-/// Azure's own error code, when the error carries one.
-pub(crate) fn azure_code(error: &AzureError) -> Option<String> {
-    match error {
-        AzureError::Arm(e) => Some(e.error.code.clone()),
-        AzureError::OperationFailed { error, .. } => Some(error.code.clone()),
-        _ => None,
     }
 }
 
