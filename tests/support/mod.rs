@@ -21,7 +21,7 @@ use vmbackup::clock::Clock;
 use vmbackup::events::{CloudEvent, EventData};
 use vmbackup::local::app::App;
 use vmbackup::local::host::{HandlerTarget, Host, HostConfig};
-use vmbackup::local::queue::{JournalEntry, OutgoingMessage, Queue};
+use vmbackup::local::queue::{JournalEntry, OutgoingMessage, Queue, QueueOptions};
 use vmbackup::local::servicebus_endpoint::{self, EndpointConfig, RunningEndpoint};
 use vmbackup::simulator::fleet::Fleet;
 use vmbackup::simulator::{Simulator, SimulatorConfig, SimulatorHandle};
@@ -93,9 +93,23 @@ impl Harness {
     }
 
     pub async fn start_with(fleet_json: &str, options: Options) -> Harness {
+        Self::start_at(fleet_json, options, None).await
+    }
+
+    /// Start with the simulated clock at `sim_start` (default: now). A fixed instant (e.g. 01:00
+    /// UTC) keeps a scenario's simulated hours inside one UTC day whatever the time of day.
+    pub async fn start_at(
+        fleet_json: &str,
+        options: Options,
+        sim_start: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Harness {
         let fleet = Fleet::from_json_str(fleet_json).expect("the test fleet is valid");
         let subscriptions: Vec<String> = fleet.subscriptions.iter().map(|s| s.id.clone()).collect();
-        let sim = Simulator::start(SimulatorConfig::new(fleet))
+        let mut sim_config = SimulatorConfig::new(fleet);
+        if let Some(start) = sim_start {
+            sim_config.clock = Clock::scaled(start, sim_config.clock.time_scale());
+        }
+        let sim = Simulator::start(sim_config)
             .await
             .expect("simulator starts");
         let clock = sim.clock();
@@ -181,7 +195,10 @@ impl Harness {
         let app = App::load(&repo_root(), &app_settings).expect("the checked-in app layout loads");
         for name in vmbackup::events::queues::ALL {
             if !queue.queue_exists(name).unwrap() {
-                queue.create_queue(name, &Default::default()).unwrap();
+                // Lock durations and duplicate detection windows as infra gives Azure's queues.
+                queue
+                    .create_queue(name, &QueueOptions::as_in_infra(name))
+                    .unwrap();
             }
         }
         let mut host_config = HostConfig::new(app, queue.clone());
