@@ -32,16 +32,30 @@ pub const NAMESPACE: &str = "vmbackup-local";
 /// Timers are fired by the tests (`fire_timer`), never by the clock.
 pub const NEVER: &str = "0 0 0 1 1 *";
 
-/// Tokens from the simulator's managed-identity endpoint (`IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`).
+/// Tokens from the simulator's managed-identity endpoint (`IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`),
+/// cached per audience until shortly before they expire, as the app's `azure_identity` source caches
+/// them (one fetch per call would double the handler's requests). The simulator's `expires_on` is
+/// wall-clock Unix seconds, as a client cache compares it.
 pub struct SimulatorTokens {
     endpoint: String,
     header: String,
     http: reqwest::Client,
+    cache: tokio::sync::Mutex<HashMap<String, (BearerToken, chrono::DateTime<chrono::Utc>)>>,
 }
+
+/// A cached token is replaced this long before it expires.
+const TOKEN_REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
 
 #[async_trait]
 impl TokenSource for SimulatorTokens {
     async fn token(&self, audience: &str) -> Result<BearerToken, AzureError> {
+        // One lock across the fetch: concurrent callers wait for one token instead of all asking.
+        let mut cache = self.cache.lock().await;
+        if let Some((token, expires_on)) = cache.get(audience) {
+            if *expires_on > chrono::Utc::now() + TOKEN_REFRESH_MARGIN {
+                return Ok(token.clone());
+            }
+        }
         let resource = audience.trim_end_matches("/.default");
         let failed = |message: String| AzureError::Auth {
             audience: audience.to_string(),
@@ -56,10 +70,19 @@ impl TokenSource for SimulatorTokens {
             .await
             .map_err(|e| failed(e.to_string()))?;
         let body: Value = response.json().await.map_err(|e| failed(e.to_string()))?;
-        body["access_token"]
+        let token = body["access_token"]
             .as_str()
             .map(BearerToken::new)
-            .ok_or_else(|| failed("no access_token in the identity response".into()))
+            .ok_or_else(|| failed("no access_token in the identity response".into()))?;
+        // `expires_on` is Unix seconds as a string; without it the token is not cached.
+        let expires_on = body["expires_on"]
+            .as_str()
+            .and_then(|s| s.parse::<i64>().ok())
+            .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0));
+        if let Some(expires_on) = expires_on {
+            cache.insert(audience.to_string(), (token.clone(), expires_on));
+        }
+        Ok(token)
     }
 }
 
@@ -157,6 +180,7 @@ impl Harness {
             endpoint: sim.identity_endpoint(),
             header: sim.identity_header(),
             http: reqwest::Client::new(),
+            cache: Default::default(),
         });
         let deps = Arc::new(
             Deps::with_tokens(workflow_settings, clock, config, tokens).expect("deps build"),
