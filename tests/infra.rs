@@ -10,8 +10,11 @@
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use vmbackup::azure::config;
+use vmbackup::domain::backup::JobTrackingPolicy;
 use vmbackup::events::queues;
+use vmbackup::local::queue::{QueueOptions, INFRA_QUEUES};
 use vmbackup::workflow::settings;
 
 fn root() -> PathBuf {
@@ -193,6 +196,68 @@ fn every_queue_of_function_json_is_in_infra() {
     }
 }
 
+/// Minutes of an ISO 8601 duration of whole minutes or hours (`PT5M`, `PT1H`).
+fn minutes(duration: &str) -> u64 {
+    let parsed = duration.strip_prefix("PT").and_then(|rest| {
+        let (number, factor) = match rest.strip_suffix('H') {
+            Some(hours) => (hours, 60),
+            None => (rest.strip_suffix('M')?, 1),
+        };
+        number.parse::<u64>().ok().map(|n| n * factor)
+    });
+    parsed.unwrap_or_else(|| panic!("{duration:?} is not PT<n>M or PT<n>H"))
+}
+
+/// Local runs lock and deduplicate each queue as infra makes Azure do (the local queue options
+/// come from `INFRA_QUEUES`), and the dedup window outlasts the longest scheduled re-check.
+#[test]
+fn local_queue_options_match_infra() {
+    let queue_list = block(&read("infra/modules/servicebus.bicep"), "var queues = [");
+    let names = quoted_values(&queue_list, "name");
+    let locks = quoted_values(&queue_list, "lockDuration");
+    let windows = quoted_values(&queue_list, "duplicateDetectionWindow");
+    assert_eq!(names.len(), locks.len());
+    assert_eq!(
+        names.len(),
+        windows.len(),
+        "every queue needs a duplicateDetectionWindow"
+    );
+    let infra: Vec<(String, u64, u64)> = names
+        .into_iter()
+        .zip(locks.iter().map(|l| minutes(l)))
+        .zip(windows.iter().map(|w| minutes(w)))
+        .map(|((name, lock), window)| (name, lock, window))
+        .collect();
+    let local: Vec<(String, u64, u64)> = INFRA_QUEUES
+        .iter()
+        .map(|(name, lock, window)| (name.to_string(), *lock, *window))
+        .collect();
+    assert_eq!(
+        infra, local,
+        "infra and vmbackup::local::queue::INFRA_QUEUES differ"
+    );
+    for (name, lock, window) in &infra {
+        let options = QueueOptions::as_in_infra(name);
+        assert_eq!(options.lock_duration, Duration::from_secs(lock * 60));
+        assert_eq!(
+            options.duplicate_detection_window,
+            Some(Duration::from_secs(window * 60))
+        );
+    }
+    let longest_check = JobTrackingPolicy::backup()
+        .max_delay
+        .max(JobTrackingPolicy::restore().max_delay);
+    for queue in [queues::JOB_TRACKING, queues::BACKUP_REQUESTS] {
+        let window = QueueOptions::as_in_infra(queue)
+            .duplicate_detection_window
+            .unwrap();
+        assert!(
+            window > longest_check,
+            "{queue}: {window:?} <= {longest_check:?}"
+        );
+    }
+}
+
 #[test]
 fn queues_are_durable_and_deduplicated() {
     let module = read("infra/modules/servicebus.bicep");
@@ -204,13 +269,8 @@ fn queues_are_durable_and_deduplicated() {
         "every queue needs a lockDuration"
     );
     for lock in &locks {
-        let minutes: u32 = lock
-            .strip_prefix("PT")
-            .and_then(|m| m.strip_suffix('M'))
-            .and_then(|m| m.parse().ok())
-            .unwrap_or_else(|| panic!("lockDuration {lock:?} is not PT<n>M"));
         assert!(
-            (1..=5).contains(&minutes),
+            (1..=5).contains(&minutes(lock)),
             "Service Bus allows 1 s to 5 min, got {lock}"
         );
     }
@@ -223,6 +283,7 @@ fn queues_are_durable_and_deduplicated() {
         "deadLetteringOnMessageExpiration: true",
         "requiresDuplicateDetection: true",
         "lockDuration: q.lockDuration",
+        "duplicateDetectionHistoryTimeWindow: q.duplicateDetectionWindow",
     ] {
         assert!(
             queue_resource.iter().any(|l| l.trim() == property),

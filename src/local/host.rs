@@ -63,8 +63,9 @@ pub struct HostConfig {
     pub app_settings: HashMap<String, String>,
     pub clock: Clock,
     pub queue: Queue,
-    /// Options of the queues the app's functions use, created at start when missing.
-    pub queue_options: QueueOptions,
+    /// Options of the queues the app's functions use, created at start when missing; `None` creates
+    /// each as infra does ([`QueueOptions::as_in_infra`]).
+    pub queue_options: Option<QueueOptions>,
     /// Where the HTTP front door listens; `None` serves no HTTP triggers.
     pub http_listen: Option<SocketAddr>,
     /// Keys accepted for `authLevel: function` (`code` query or `x-functions-key` header).
@@ -82,7 +83,7 @@ impl HostConfig {
             app,
             app_settings: HashMap::new(),
             queue,
-            queue_options: QueueOptions::default(),
+            queue_options: None,
             http_listen: None,
             function_keys: Vec::new(),
             master_key: None,
@@ -170,7 +171,6 @@ struct Shared {
     app: App,
     clock: Clock,
     queue: Queue,
-    lock_duration: Duration,
     http: reqwest::Client,
     invocation_timeout: Option<Duration>,
     handler_url: watch::Receiver<Option<String>>,
@@ -218,7 +218,11 @@ impl Host {
     pub async fn start(config: HostConfig) -> Result<Host, HostError> {
         for name in config.app.queue_names() {
             if !config.queue.queue_exists(&name)? {
-                config.queue.create_queue(&name, &config.queue_options)?;
+                let options = config
+                    .queue_options
+                    .clone()
+                    .unwrap_or_else(|| QueueOptions::as_in_infra(&name));
+                config.queue.create_queue(&name, &options)?;
             }
         }
         let (events, _) = broadcast::channel(4096);
@@ -232,7 +236,6 @@ impl Host {
         let shared = Arc::new(Shared {
             clock: config.clock,
             queue: config.queue.clone(),
-            lock_duration: config.queue_options.lock_duration,
             http: reqwest::Client::builder().build()?,
             invocation_timeout,
             handler_url: url_rx,
@@ -878,16 +881,23 @@ async fn invoke_for_message(
         delivery_count: Some(message.delivery_count),
         at: shared.clock.now(),
     });
-    // Keep the lock while the handler works (auto lock renewal).
+    // Keep the lock while the handler works (auto lock renewal): renew halfway through what is
+    // left of it on the simulated clock, whatever the queue's lock duration.
     let renewal = {
         let shared = shared.clone();
         let queue_name = queue_name.clone();
         let token = message.lock_token.clone();
+        let mut locked_until = message.locked_until;
         tokio::spawn(async move {
             loop {
-                shared.clock.sleep(shared.lock_duration / 2).await;
-                if shared.queue.renew_lock(&queue_name, &token).is_err() {
-                    return;
+                let now = shared.clock.now();
+                shared
+                    .clock
+                    .sleep_until(now + (locked_until - now) / 2)
+                    .await;
+                match shared.queue.renew_lock(&queue_name, &token) {
+                    Ok(until) => locked_until = until,
+                    Err(_) => return,
                 }
             }
         })

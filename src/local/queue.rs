@@ -45,6 +45,46 @@ impl Default for QueueOptions {
     }
 }
 
+impl QueueOptions {
+    /// The options infra gives `queue` (`infra/modules/servicebus.bicep`, kept equal by
+    /// `tests/infra.rs`), so local runs lock and deduplicate as Azure does; the defaults for a queue
+    /// infra does not declare.
+    pub fn as_in_infra(queue: &str) -> QueueOptions {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        let (lock_minutes, duplicate_window) = INFRA_QUEUES
+            .iter()
+            .find(|(name, _, _)| *name == queue)
+            .map(|(_, lock, window)| (*lock, minutes(*window)))
+            .unwrap_or((
+                DEFAULT_LOCK_DURATION.as_secs() / 60,
+                DEFAULT_DUPLICATE_WINDOW,
+            ));
+        QueueOptions {
+            lock_duration: minutes(lock_minutes),
+            duplicate_detection_window: Some(duplicate_window),
+            ..QueueOptions::default()
+        }
+    }
+}
+
+/// `(queue, lock duration in minutes, duplicate detection window in minutes)` as infra declares them.
+/// `job-tracking` and `backup-requests` keep message ids for an hour: their messages are scheduled
+/// ahead (job re-checks up to 30 minutes, paced sweep requests), and a redelivered or retried step
+/// re-sends them under the same id, which Service Bus must still remember to drop the copy.
+pub const INFRA_QUEUES: &[(&str, u64, u64)] = &[
+    ("vm-events", 1, 10),
+    ("protection-requests", 2, 10),
+    ("key-vault-access", 2, 10),
+    ("protection-ready", 5, 10),
+    ("backup-requests", 5, 60),
+    ("job-tracking", 1, 60),
+    ("restore-requests", 5, 10),
+    ("restore-disks-restored", 5, 10),
+    ("restore-vm-recreated", 5, 10),
+    ("outcomes", 1, 10),
+    ("notifications", 1, 10),
+];
+
 /// The settable properties of a message (Service Bus broker and application properties).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]

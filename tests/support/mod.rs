@@ -21,7 +21,7 @@ use vmbackup::clock::Clock;
 use vmbackup::events::{CloudEvent, EventData};
 use vmbackup::local::app::App;
 use vmbackup::local::host::{HandlerTarget, Host, HostConfig};
-use vmbackup::local::queue::{JournalEntry, OutgoingMessage, Queue};
+use vmbackup::local::queue::{JournalEntry, OutgoingMessage, Queue, QueueOptions};
 use vmbackup::local::servicebus_endpoint::{self, EndpointConfig, RunningEndpoint};
 use vmbackup::simulator::fleet::Fleet;
 use vmbackup::simulator::{Simulator, SimulatorConfig, SimulatorHandle};
@@ -34,16 +34,30 @@ pub const FUNCTION_KEY: &str = "test-function-key";
 /// Timers are fired by the tests (`fire_timer`), never by the clock.
 pub const NEVER: &str = "0 0 0 1 1 *";
 
-/// Tokens from the simulator's managed-identity endpoint (`IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`).
+/// Tokens from the simulator's managed-identity endpoint (`IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`),
+/// cached per audience until shortly before they expire, as the app's `azure_identity` source caches
+/// them (one fetch per call would double the handler's requests). The simulator's `expires_on` is
+/// wall-clock Unix seconds, as a client cache compares it.
 pub struct SimulatorTokens {
     endpoint: String,
     header: String,
     http: reqwest::Client,
+    cache: tokio::sync::Mutex<HashMap<String, (BearerToken, chrono::DateTime<chrono::Utc>)>>,
 }
+
+/// A cached token is replaced this long before it expires.
+const TOKEN_REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
 
 #[async_trait]
 impl TokenSource for SimulatorTokens {
     async fn token(&self, audience: &str) -> Result<BearerToken, AzureError> {
+        // One lock across the fetch: concurrent callers wait for one token instead of all asking.
+        let mut cache = self.cache.lock().await;
+        if let Some((token, expires_on)) = cache.get(audience) {
+            if *expires_on > chrono::Utc::now() + TOKEN_REFRESH_MARGIN {
+                return Ok(token.clone());
+            }
+        }
         let resource = audience.trim_end_matches("/.default");
         let failed = |message: String| AzureError::Auth {
             audience: audience.to_string(),
@@ -58,10 +72,19 @@ impl TokenSource for SimulatorTokens {
             .await
             .map_err(|e| failed(e.to_string()))?;
         let body: Value = response.json().await.map_err(|e| failed(e.to_string()))?;
-        body["access_token"]
+        let token = body["access_token"]
             .as_str()
             .map(BearerToken::new)
-            .ok_or_else(|| failed("no access_token in the identity response".into()))
+            .ok_or_else(|| failed("no access_token in the identity response".into()))?;
+        // `expires_on` is Unix seconds as a string; without it the token is not cached.
+        let expires_on = body["expires_on"]
+            .as_str()
+            .and_then(|s| s.parse::<i64>().ok())
+            .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0));
+        if let Some(expires_on) = expires_on {
+            cache.insert(audience.to_string(), (token.clone(), expires_on));
+        }
+        Ok(token)
     }
 }
 
@@ -100,9 +123,23 @@ impl Harness {
     }
 
     pub async fn start_with(fleet_json: &str, options: Options) -> Harness {
+        Self::start_at(fleet_json, options, None).await
+    }
+
+    /// Start with the simulated clock at `sim_start` (default: now). A fixed instant (e.g. 01:00
+    /// UTC) keeps a scenario's simulated hours inside one UTC day whatever the time of day.
+    pub async fn start_at(
+        fleet_json: &str,
+        options: Options,
+        sim_start: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Harness {
         let fleet = Fleet::from_json_str(fleet_json).expect("the test fleet is valid");
         let subscriptions: Vec<String> = fleet.subscriptions.iter().map(|s| s.id.clone()).collect();
-        let sim = Simulator::start(SimulatorConfig::new(fleet))
+        let mut sim_config = SimulatorConfig::new(fleet);
+        if let Some(start) = sim_start {
+            sim_config.clock = Clock::scaled(start, sim_config.clock.time_scale());
+        }
+        let sim = Simulator::start(sim_config)
             .await
             .expect("simulator starts");
         let clock = sim.clock();
@@ -150,6 +187,7 @@ impl Harness {
             endpoint: sim.identity_endpoint(),
             header: sim.identity_header(),
             http: reqwest::Client::new(),
+            cache: Default::default(),
         });
         let deps = Arc::new(
             Deps::with_tokens(workflow_settings, clock, config, tokens).expect("deps build"),
@@ -188,7 +226,10 @@ impl Harness {
         let app = App::load(&repo_root(), &app_settings).expect("the checked-in app layout loads");
         for name in vmbackup::events::queues::ALL {
             if !queue.queue_exists(name).unwrap() {
-                queue.create_queue(name, &Default::default()).unwrap();
+                // Lock durations and duplicate detection windows as infra gives Azure's queues.
+                queue
+                    .create_queue(name, &QueueOptions::as_in_infra(name))
+                    .unwrap();
             }
         }
         let mut host_config = HostConfig::new(app, queue.clone());
