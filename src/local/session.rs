@@ -181,6 +181,8 @@ struct Running {
     printer: Printer,
     live: LiveView,
     clock: Clock,
+    /// The built-in demo ends by itself once it has played out (the README's first command).
+    plays_the_demo: bool,
 }
 
 pub async fn run(options: LocalOptions) -> Result<Report, LocalError> {
@@ -191,7 +193,7 @@ pub async fn run(options: LocalOptions) -> Result<Report, LocalError> {
         AzureMode::Simulator => start_simulated(&options).await?,
         AzureMode::Live => start_live(&options).await?,
     };
-    wait(&running, options.until_idle).await?;
+    wait(&running, options.until_idle || running.plays_the_demo).await?;
     finish(running, &options).await
 }
 
@@ -387,6 +389,18 @@ async fn start_simulated(options: &LocalOptions) -> Result<Running, LocalError> 
         fleet.timeline.len(),
         options.state.display()
     ));
+    let plays_the_demo = Fleet::from_json_str(DEMO_FLEET).is_ok_and(|demo| demo == fleet);
+    if let Some(previous) = &previous {
+        printer.line(&format!(
+            "continuing the run in {} from simulated {} (a fresh --state DIR starts a new one)",
+            options.state.display(),
+            previous.sim_now.format("%H:%M")
+        ));
+    }
+    if plays_the_demo {
+        printer.line("the built-in demo: one line per function invocation (simulated time, function, VM, outcome)");
+        printer.line("it ends by itself with a summary table once every backup and restore is done (Ctrl-C stops early)");
+    }
     fire_discovery(&host, &printer).await;
 
     let timeline_done = Arc::new(AtomicBool::new(false));
@@ -427,6 +441,7 @@ async fn start_simulated(options: &LocalOptions) -> Result<Running, LocalError> 
         printer,
         live,
         clock,
+        plays_the_demo,
     })
 }
 
@@ -473,6 +488,7 @@ async fn start_live(options: &LocalOptions) -> Result<Running, LocalError> {
         printer,
         live,
         clock,
+        plays_the_demo: false,
     })
 }
 
