@@ -72,10 +72,31 @@ fn main() {
         .and_then(|q| q.journal_since(0))
         .map(|journal| journal.len())
         .expect("journal readable");
+    // What the run achieved, so a fast run that did nothing does not look good.
+    let report: Value = std::fs::read(dir.join("report.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .expect("report written");
+    let machines = report["vms"].as_array().expect("report lists VMs");
+    let protected = machines
+        .iter()
+        .filter(|vm| vm["protection"]["state"] == "protected")
+        .count();
+    let count = |field: &str| -> u64 {
+        machines
+            .iter()
+            .filter_map(|vm| vm["backups"][field].as_u64())
+            .sum()
+    };
     println!(
-        "local_run: {vms} VMs to idle in {:.2} s wall, {events} events, {:.0} events/s",
+        "local_run: {vms} VMs to idle in {:.2} s wall, {events} events, {:.0} events/s; \
+         {protected} protected, {} backups completed, {} failed, {} dead-lettered, {} ARM requests",
         wall.as_secs_f64(),
-        events as f64 / wall.as_secs_f64()
+        events as f64 / wall.as_secs_f64(),
+        count("completed"),
+        count("failed"),
+        report["deadLettered"],
+        report["arm"]["requests"],
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

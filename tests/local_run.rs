@@ -1,10 +1,10 @@
 //! `vmbackup local` end to end: the binary, its state directory, its report.
 //!
-//! The machinery tests deliver to a small handler served by this test process (`--handler-url`,
-//! with a function app folder written here), so they check the host, queue, timeline, estate and
-//! report without depending on the workflow's functions; one test starts the real `vmbackup serve`
-//! child on the checked-in app. The demo-fleet test runs the real workflow and checks the report
-//! against `src/local/demo_expected.json`; it skips until the workflow functions are declared.
+//! The dead-letter test delivers to a small handler served by this test process (`--handler-url`,
+//! with a function app folder written here), so a malformed message meets a handler that fails it.
+//! The other runs start the real `vmbackup serve` child on the checked-in app: a small fleet, a
+//! kill-and-restart through protection, backup and restore, and the demo fleet checked against
+//! `src/local/demo_expected.json`.
 
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
@@ -454,68 +454,125 @@ async fn a_malformed_message_is_dead_lettered_after_its_retries_and_the_rest_com
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// For the restart test through the real workflow: a VM to protect, an ADE VM already protected,
+/// on-demand backups of both, then a restore of the ADE VM (jobs short enough to end before the
+/// nightly sweep, 2 simulated hours in).
+fn restart_fleet() -> Value {
+    json!({
+        "subscriptions": [{
+            "id": SUB,
+            "recoveryVaults": [{ "name": "rsv", "resourceGroup": "rg-backup", "location": "westeurope",
+                                 "policies": ["DefaultPolicy"] }],
+            "keyVaults": [{ "name": "kv", "resourceGroup": "rg-sec", "location": "westeurope",
+                            "backupAccess": true,
+                            "keys": [{ "name": "kek" }], "secrets": [{ "name": "bek-b" }] }],
+            "storageAccounts": [{ "name": "ststaging", "resourceGroup": "rg-backup", "location": "westeurope" }],
+            "virtualMachines": [
+                { "name": "vm-a", "resourceGroup": "rg", "location": "westeurope",
+                  "tags": { "backup-policy": "DefaultPolicy" } },
+                { "name": "vm-b", "resourceGroup": "rg", "location": "westeurope", "os": "linux",
+                  "tags": { "backup-policy": "DefaultPolicy" },
+                  "encryption": { "kind": "ade", "keyVault": "kv", "secret": "bek-b", "kek": "kek" },
+                  "protectedBy": { "vault": "rsv", "policy": "DefaultPolicy" } },
+                { "name": "vm-c", "resourceGroup": "rg", "location": "westeurope" }
+            ]
+        }],
+        "timeline": [
+            { "at": "10m", "action": "backup-now", "vm": "vm-b" },
+            { "at": "15m", "action": "backup-now", "vm": "vm-a" },
+            { "at": "50m", "action": "restore-request", "vm": "vm-b", "ticket": "INC-7",
+              "mode": "restore-disks", "recoveryPoint": "latest" }
+        ],
+        "simulation": { "timeScale": 0.001, "backupJobSeconds": 1800, "restoreJobSeconds": 1200 }
+    })
+}
+
+/// `(operation, VM)` of every job the simulator ran, from the estate saved under `--state`.
+fn simulated_jobs(state: &Path) -> Vec<(String, String)> {
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(state.join("simulator.json")).unwrap()).unwrap();
+    let mut jobs: Vec<(String, String)> = saved["state"]["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| {
+            (
+                job["operation"].as_str().unwrap().to_string(),
+                job["vm_name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    jobs.sort();
+    jobs
+}
+
+fn restore_job_in_flight(state: &Path) -> bool {
+    state.join("servicebus.sqlite").exists()
+        && events_of(state, "vmbackup.job.started")
+            .iter()
+            .any(|e| e["data"]["job"]["operation"] == "restore")
+}
+
+/// The real workflow (the `vmbackup serve` child on the checked-in app), killed while a restore
+/// job is in flight and started again on the same state: the same report, the same jobs.
 #[tokio::test]
 async fn killed_and_restarted_with_the_same_state_it_ends_in_the_same_report() {
     let dir = scratch("restart");
-    let (app, handler) = start_test_handler(&dir).await;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fleet = dir.join("fleet.json");
-    write_json(&fleet, &small_fleet());
+    write_json(&fleet, &restart_fleet());
 
     // The reference: one uninterrupted run.
     let reference_state = dir.join("reference");
     let reference_report = dir.join("reference.json");
-    let (code, _, stderr) = run_local(
-        &args(
-            &fleet,
-            &reference_state,
-            &reference_report,
-            &app,
-            Some(&handler),
-        ),
+    let (code, stdout, stderr) = run_local(
+        &args(&fleet, &reference_state, &reference_report, repo, None),
         Duration::from_secs(120),
     )
     .await;
-    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let reference = read_report(&reference_report);
+    assert_eq!(vm(&reference, "vm-a")["protection"]["state"], "protected");
+    let restore = &vm(&reference, "vm-b")["restores"][0];
+    assert_eq!(
+        (
+            &restore["ticket"],
+            &restore["state"],
+            &restore["adeReinstalled"]
+        ),
+        (&json!("INC-7"), &json!("completed"), &json!(true)),
+        "{reference:#}"
+    );
 
-    // The same fleet, killed once the first backup completed, then started again.
+    // The same fleet, killed while the restore job runs, then started again.
     let state = dir.join("state");
     let report_path = dir.join("report.json");
-    let run_args = args(&fleet, &state, &report_path, &app, Some(&handler));
+    let run_args = args(&fleet, &state, &report_path, repo, None);
     let mut child = local_command(&run_args).spawn().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    while !restore_job_in_flight(&state) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no backup completed"
+            "no restore job started"
         );
-        if state.join("servicebus.sqlite").exists()
-            && !events_of(&state, "vmbackup.backup.completed").is_empty()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child.kill().await.unwrap();
     assert!(!report_path.exists(), "killed before the end");
     let (code, stdout, stderr) = run_local(&run_args, Duration::from_secs(120)).await;
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
 
-    let reference = read_report(&reference_report);
     let restarted = read_report(&report_path);
     // ARM request counts differ (a restart re-reads); everything the run decided is the same.
-    assert_eq!(reference["vms"], restarted["vms"]);
+    assert_eq!(reference["vms"], restarted["vms"], "{restarted:#}");
     assert_eq!(reference["deadLettered"], restarted["deadLettered"]);
+    // No backup or restore job lost or run twice.
+    assert_eq!(simulated_jobs(&reference_state), simulated_jobs(&state));
     // No timeline request was sent twice and none was lost.
     let requested = events_of(&state, "vmbackup.backup.requested");
     let ids: BTreeSet<_> = requested.iter().map(|e| e["id"].to_string()).collect();
-    assert_eq!((requested.len(), ids.len()), (4, 4));
-    let mut jobs: HashMap<String, usize> = HashMap::new();
-    for event in events_of(&state, "vmbackup.backup.completed") {
-        *jobs
-            .entry(event["data"]["jobId"].as_str().unwrap().into())
-            .or_default() += 1;
-    }
-    assert_eq!(jobs.len(), 4, "{jobs:?}");
+    assert_eq!((requested.len(), ids.len()), (2, 2));
+    assert_eq!(events_of(&state, "vmbackup.restore.requested").len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

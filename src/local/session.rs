@@ -23,6 +23,7 @@ use crate::domain::restore::RestoreRequestFields;
 use crate::domain::ResourceId;
 use crate::events::{queues, BackupRequested, BackupRequester, CloudEvent, EventData};
 use crate::simulator::fleet::{Fleet, TimelineAction};
+use crate::simulator::state::same;
 use crate::simulator::{Simulator, SimulatorConfig, SimulatorHandle};
 use crate::workflow::settings;
 use chrono::{DateTime, TimeZone, Timelike, Utc};
@@ -180,6 +181,8 @@ struct Running {
     printer: Printer,
     live: LiveView,
     clock: Clock,
+    /// The built-in demo ends by itself once it has played out (the README's first command).
+    plays_the_demo: bool,
 }
 
 pub async fn run(options: LocalOptions) -> Result<Report, LocalError> {
@@ -190,7 +193,7 @@ pub async fn run(options: LocalOptions) -> Result<Report, LocalError> {
         AzureMode::Simulator => start_simulated(&options).await?,
         AzureMode::Live => start_live(&options).await?,
     };
-    wait(&running, options.until_idle).await?;
+    wait(&running, options.until_idle || running.plays_the_demo).await?;
     finish(running, &options).await
 }
 
@@ -348,6 +351,12 @@ async fn start_simulated(options: &LocalOptions) -> Result<Running, LocalError> 
             crate::simulator::state::BACKUP_MANAGEMENT_SERVICE_OBJECT_ID.to_string(),
         ),
         (
+            // The simulator models RBAC key vaults with the built-in Key Vault Administrator role
+            // only (no custom role definitions), so the simulated run grants that one.
+            settings::KEY_VAULT_ROLE.to_string(),
+            setting_or(settings::KEY_VAULT_ROLE, "administrator".to_string()),
+        ),
+        (
             settings::DISCOVERY_SCHEDULE.to_string(),
             setting_or(
                 settings::DISCOVERY_SCHEDULE,
@@ -380,6 +389,18 @@ async fn start_simulated(options: &LocalOptions) -> Result<Running, LocalError> 
         fleet.timeline.len(),
         options.state.display()
     ));
+    let plays_the_demo = Fleet::from_json_str(DEMO_FLEET).is_ok_and(|demo| demo == fleet);
+    if let Some(previous) = &previous {
+        printer.line(&format!(
+            "continuing the run in {} from simulated {} (a fresh --state DIR starts a new one)",
+            options.state.display(),
+            previous.sim_now.format("%H:%M")
+        ));
+    }
+    if plays_the_demo {
+        printer.line("the built-in demo: one line per function invocation (simulated time, function, VM, outcome)");
+        printer.line("it ends by itself with a summary table once every backup and restore is done (Ctrl-C stops early)");
+    }
     fire_discovery(&host, &printer).await;
 
     let timeline_done = Arc::new(AtomicBool::new(false));
@@ -420,6 +441,7 @@ async fn start_simulated(options: &LocalOptions) -> Result<Running, LocalError> 
         printer,
         live,
         clock,
+        plays_the_demo,
     })
 }
 
@@ -466,6 +488,7 @@ async fn start_live(options: &LocalOptions) -> Result<Running, LocalError> {
         printer,
         live,
         clock,
+        plays_the_demo: false,
     })
 }
 
@@ -557,8 +580,21 @@ fn timeline_message(
         TimelineAction::BackupNow { vm } | TimelineAction::RestoreRequest { vm, .. } => vm,
         _ => return Err("not a queue action".into()),
     };
-    let vm_id = sim
-        .with_state(|s| s.vm_by_name(vm_name).map(|v| v.id()))
+    // The staging account an operator would pass (`vmbackup restore --staging-storage-account`):
+    // one in the VM's subscription and region, as Azure Backup stages in the vault's region.
+    let (vm_id, staging_account) = sim
+        .with_state(|s| {
+            s.vm_by_name(vm_name).map(|v| {
+                let staging = s
+                    .storage_accounts
+                    .iter()
+                    .find(|a| {
+                        same(&a.subscription, &v.subscription) && same(&a.location, &v.location)
+                    })
+                    .map(|a| a.id());
+                (v.id(), staging)
+            })
+        })
         .ok_or_else(|| format!("no VM named {vm_name:?} in the estate"))?;
     match action {
         TimelineAction::BackupNow { .. } => {
@@ -589,7 +625,7 @@ fn timeline_message(
                 mode,
                 recovery_point: Some(recovery_point.clone()),
                 target_resource_group: target_resource_group.clone(),
-                staging_storage_account: None,
+                staging_storage_account: staging_account,
                 callback_url: callback.clone(),
             };
             let event = CloudEvent::start_with_id(data, Some(vm_id), now, id).with_ticket(ticket);
