@@ -239,7 +239,7 @@ fn open_queue(state: &Path, clock: Clock) -> Result<Queue, LocalError> {
             .map_err(|e| LocalError::Runtime(e.to_string()))?
         {
             queue
-                .create_queue(name, &Default::default())
+                .create_queue(name, &crate::local::queue::QueueOptions::as_in_infra(name))
                 .map_err(|e| LocalError::Runtime(e.to_string()))?;
         }
     }
