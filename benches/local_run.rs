@@ -25,8 +25,10 @@ fn fleet(vms: usize, time_scale: f64) -> Value {
             })
         })
         .collect();
+    // On-demand backups from the first simulated hour on, once the discovery sweep at start has had
+    // time to protect the estate (earlier requests are rightly rejected NotProtected).
     let timeline: Vec<Value> = (0..vms)
-        .map(|i| json!({ "at": format!("{}m", 10 + i % 50), "action": "backup-now", "vm": format!("vm-{i:04}") }))
+        .map(|i| json!({ "at": format!("{}m", 60 + i % 50), "action": "backup-now", "vm": format!("vm-{i:04}") }))
         .collect();
     json!({
         "subscriptions": [{
