@@ -164,19 +164,52 @@ fn parse_id(
     Ok(id)
 }
 
-/// The origin of a Key Vault object URL, with a trailing slash, as ADE's `KeyVaultURL` wants it.
-/// `http` is accepted because the local simulator serves its key vaults on loopback without TLS.
-pub fn key_vault_url_of(object_url: &str) -> Option<String> {
-    let url = url::Url::parse(object_url).ok()?;
-    let scheme = url.scheme();
-    if scheme != "https" && scheme != "http" {
+/// `(vault URI, name, version)` of a Key Vault object URL `{vault URI}{kind}/{name}[/{version}]`,
+/// `kind` being `keys` or `secrets`. The vault URI keeps any path before `kind` (with its trailing
+/// slash): Azure's is the origin, a local simulator's may be path-based.
+pub fn split_object_url(url: &str, kind: &str) -> Option<(String, String, Option<String>)> {
+    let parsed = url::Url::parse(url).ok()?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return None;
     }
-    let host = url.host_str()?;
-    Some(match url.port() {
-        Some(port) => format!("{scheme}://{host}:{port}/"),
-        None => format!("{scheme}://{host}/"),
-    })
+    let segments: Vec<&str> = parsed.path_segments()?.collect();
+    let at = segments.iter().rposition(|s| *s == kind)?;
+    let name = segments.get(at + 1).filter(|n| !n.is_empty())?.to_string();
+    let version = segments
+        .get(at + 2)
+        .filter(|v| !v.is_empty())
+        .map(|v| v.to_string());
+    if segments.len() > at + 3 {
+        return None;
+    }
+    let mut vault = parsed.clone();
+    vault.set_query(None);
+    vault.set_fragment(None);
+    let prefix: String = segments[..at].iter().map(|s| format!("{s}/")).collect();
+    vault.set_path(&format!("/{prefix}"));
+    Some((vault.to_string(), name, version))
+}
+
+/// The vault URI (with its trailing slash, as ADE's `KeyVaultURL` wants it) of a Key Vault object URL
+/// or of a vault URI itself. Azure's is the origin; a local endpoint's may carry a path, which is
+/// kept. `http` is accepted because the local simulator serves its key vaults on loopback without TLS.
+pub fn key_vault_url_of(url: &str) -> Option<String> {
+    if let Some((vault, _, _)) =
+        split_object_url(url, "secrets").or_else(|| split_object_url(url, "keys"))
+    {
+        return Some(vault);
+    }
+    let mut vault = url::Url::parse(url).ok()?;
+    if !matches!(vault.scheme(), "http" | "https") || vault.host_str().is_none() {
+        return None;
+    }
+    vault.set_query(None);
+    vault.set_fragment(None);
+    if !vault.path().ends_with('/') {
+        let path = format!("{}/", vault.path());
+        vault.set_path(&path);
+    }
+    Some(vault.to_string())
 }
 
 fn check_url(field: &str, value: &str) -> Result<(), EncryptionFactsError> {
@@ -519,6 +552,51 @@ pub(crate) mod tests {
             Some("http://127.0.0.1:4100/")
         );
         assert_eq!(key_vault_url_of("not a url"), None);
+    }
+
+    #[test]
+    fn key_vault_url_keeps_a_vault_path_and_accepts_a_vault_uri() {
+        assert_eq!(
+            key_vault_url_of("http://127.0.0.1:9/keyvault/kv/secrets/bek/1").as_deref(),
+            Some("http://127.0.0.1:9/keyvault/kv/")
+        );
+        assert_eq!(
+            key_vault_url_of("http://127.0.0.1:9/keyvault/kv/keys/kek-1").as_deref(),
+            Some("http://127.0.0.1:9/keyvault/kv/")
+        );
+        assert_eq!(
+            key_vault_url_of("https://kv.vault.azure.net").as_deref(),
+            Some("https://kv.vault.azure.net/")
+        );
+        assert_eq!(
+            key_vault_url_of("http://127.0.0.1:9/keyvault/kv").as_deref(),
+            Some("http://127.0.0.1:9/keyvault/kv/")
+        );
+    }
+
+    #[test]
+    fn key_urls_split_with_and_without_a_vault_path() {
+        assert_eq!(
+            split_object_url("https://kv.vault.azure.net/keys/kek-1/abc", "keys"),
+            Some((
+                "https://kv.vault.azure.net/".into(),
+                "kek-1".into(),
+                Some("abc".into())
+            ))
+        );
+        assert_eq!(
+            split_object_url("http://127.0.0.1:9/keyvault/kv/keys/kek-1", "keys"),
+            Some((
+                "http://127.0.0.1:9/keyvault/kv/".into(),
+                "kek-1".into(),
+                None
+            ))
+        );
+        assert_eq!(
+            split_object_url("https://kv.vault.azure.net/secrets/s/1", "keys"),
+            None
+        );
+        assert_eq!(split_object_url("not a url/keys/k/1", "keys"), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Restore decisions: validate a request, check it against the VM and the app's scopes, choose the
 //! recovery point, name the restored VM and its deployment, and describe the ADE extension to reinstall.
 
+pub use crate::domain::encryption::split_object_url;
 use crate::domain::encryption::{
     AdeKeys, EncryptionKind, ADE_EXTENSION_PUBLISHER, ADE_EXTENSION_TYPE_LINUX,
     ADE_EXTENSION_TYPE_WINDOWS,
@@ -456,32 +457,6 @@ pub fn ade_extension(os: OsType, keys: &AdeKeys) -> Result<AdeExtension, Rejecti
             volume_type: "All".to_string(),
         },
     })
-}
-
-/// `(vault URI, name, version)` of a Key Vault object URL `{vault URI}{kind}/{name}[/{version}]`,
-/// `kind` being `keys` or `secrets`. The vault URI keeps any path before `kind` (with its trailing
-/// slash): Azure's is the origin, a local simulator's may be path-based.
-pub fn split_object_url(url: &str, kind: &str) -> Option<(String, String, Option<String>)> {
-    let parsed = url::Url::parse(url).ok()?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return None;
-    }
-    let segments: Vec<&str> = parsed.path_segments()?.collect();
-    let at = segments.iter().rposition(|s| *s == kind)?;
-    let name = segments.get(at + 1).filter(|n| !n.is_empty())?.to_string();
-    let version = segments
-        .get(at + 2)
-        .filter(|v| !v.is_empty())
-        .map(|v| v.to_string());
-    if segments.len() > at + 3 {
-        return None;
-    }
-    let mut vault = parsed.clone();
-    vault.set_query(None);
-    vault.set_fragment(None);
-    let prefix: String = segments[..at].iter().map(|s| format!("{s}/")).collect();
-    vault.set_path(&format!("/{prefix}"));
-    Some((vault.to_string(), name, version))
 }
 
 #[cfg(test)]

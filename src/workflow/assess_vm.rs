@@ -20,7 +20,7 @@ use crate::domain::eligibility::{
     BACKUP_POLICY_TAG,
 };
 use crate::domain::encryption::{
-    classify, is_ade_extension, key_vault_url_of, AdeDiskSettingsFacts, AdeExtensionFacts,
+    classify, is_ade_extension, split_object_url, AdeDiskSettingsFacts, AdeExtensionFacts,
     DiskEncryptionFacts, EncryptionKind, VmEncryptionFacts,
 };
 use crate::domain::{ReasonCode, Rejection, ResourceId};
@@ -403,18 +403,6 @@ fn agent_status(vm: &VirtualMachine) -> AgentStatus {
     }
 }
 
-/// `(vault URI with its trailing slash, key name, version)` of a Key Vault key URL
-/// (`{vaultUri}keys/{name}[/{version}]`; the vault URI may have a path, as local endpoints do).
-fn split_key_url(key_url: &str) -> Option<(&str, &str, Option<&str>)> {
-    key_vault_url_of(key_url)?;
-    let at = key_url.rfind("/keys/")?;
-    let vault_uri = &key_url[..=at];
-    let mut rest = key_url[at + "/keys/".len()..].split('/');
-    let name = rest.next().filter(|n| !n.is_empty())?;
-    let version = rest.next().filter(|v| !v.is_empty());
-    rest.next().is_none().then_some((vault_uri, name, version))
-}
-
 /// Whether the ADE KEK is part of a certificate (Key Vault marks such keys `managed`). When the app
 /// may not read the key vault's keys, the check is skipped: the first backup tells.
 async fn kek_certificate_backed(
@@ -433,10 +421,14 @@ async fn kek_certificate_backed(
             ),
         )
     };
-    let Some((vault_uri, name, version)) = split_key_url(&kek.key_url) else {
+    let Some((vault_uri, name, version)) = split_object_url(&kek.key_url, "keys") else {
         return Ok(Err(unreadable()));
     };
-    match deps.key_vault.get_key(vault_uri, name, version).await {
+    match deps
+        .key_vault
+        .get_key(&vault_uri, &name, version.as_deref())
+        .await
+    {
         Ok(key) => Ok(Ok(key.managed == Some(true))),
         Err(e) if matches!(e.status(), Some(401 | 403)) => {
             tracing::warn!(
@@ -757,23 +749,6 @@ mod tests {
             agent_status(&deallocated_without_agent),
             AgentStatus::Missing
         );
-    }
-
-    #[test]
-    fn key_urls_split_with_and_without_a_vault_path() {
-        assert_eq!(
-            split_key_url("https://kv.vault.azure.net/keys/kek-1/abc"),
-            Some(("https://kv.vault.azure.net/", "kek-1", Some("abc")))
-        );
-        assert_eq!(
-            split_key_url("http://127.0.0.1:9/keyvault/kv/keys/kek-1"),
-            Some(("http://127.0.0.1:9/keyvault/kv/", "kek-1", None))
-        );
-        assert_eq!(
-            split_key_url("https://kv.vault.azure.net/secrets/s/1"),
-            None
-        );
-        assert_eq!(split_key_url("not a url/keys/k/1"), None);
     }
 
     #[test]
