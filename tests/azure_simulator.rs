@@ -4,11 +4,12 @@
 //! burst inside ARM's buckets, and the real `azure_identity` managed-identity credential.
 //!
 //! Every test starts its own simulator and waits on its simulated clock (`ClockTimer`). Tokens come
-//! from the simulator's identity endpoint through `SimulatorIdentity`, except in the managed-identity
+//! from the simulator's identity endpoint through the harness's `SimulatorTokens`, except in the managed-identity
 //! test: `IDENTITY_ENDPOINT`/`IDENTITY_HEADER` are process-wide, so that test re-runs this binary as
 //! a child process with them set, and the tests in this process stay parallel-safe.
 
-use async_trait::async_trait;
+mod support;
+
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -21,9 +22,7 @@ use vmbackup::azure::blob::BlobClient;
 use vmbackup::azure::compute::{ComputeClient, TagsOperation};
 use vmbackup::azure::deployments::{DeploymentsClient, TemplateSource};
 use vmbackup::azure::graph::ResourceGraphClient;
-use vmbackup::azure::{
-    ArmClient, AzureConfig, AzureError, BearerToken, ClockTimer, IdentityTokenSource, TokenSource,
-};
+use vmbackup::azure::{ArmClient, AzureConfig, ClockTimer, IdentityTokenSource, TokenSource};
 use vmbackup::clock::Clock;
 use vmbackup::simulator::fleet::Fleet;
 use vmbackup::simulator::{
@@ -33,39 +32,6 @@ use vmbackup::simulator::{
 const SUB: &str = "11111111-1111-1111-1111-111111111111";
 /// Set in the child process of the managed-identity test.
 const CHILD_ENV: &str = "VMBACKUP_TEST_MI_CHILD_ARM";
-
-/// Tokens from the simulator's App Service managed-identity endpoint, asked over HTTP.
-struct SimulatorIdentity {
-    endpoint: String,
-    header: String,
-}
-
-#[async_trait]
-impl TokenSource for SimulatorIdentity {
-    async fn token(&self, audience: &str) -> Result<BearerToken, AzureError> {
-        let failed = |message: String| AzureError::Auth {
-            audience: audience.to_string(),
-            message,
-        };
-        let body: Value = reqwest::Client::new()
-            .get(&self.endpoint)
-            .query(&[
-                ("resource", audience.trim_end_matches("/.default")),
-                ("api-version", "2019-08-01"),
-            ])
-            .header("X-IDENTITY-HEADER", &self.header)
-            .send()
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .json()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        body["access_token"]
-            .as_str()
-            .map(BearerToken::new)
-            .ok_or_else(|| failed("no access_token".into()))
-    }
-}
 
 fn vault_id() -> String {
     format!("/subscriptions/{SUB}/resourceGroups/rg-backup/providers/Microsoft.RecoveryServices/vaults/rsv-weu")
@@ -115,13 +81,7 @@ fn arm_with(sim: &SimulatorHandle, tokens: Arc<dyn TokenSource>) -> ArmClient {
 }
 
 fn arm(sim: &SimulatorHandle) -> ArmClient {
-    arm_with(
-        sim,
-        Arc::new(SimulatorIdentity {
-            endpoint: sim.identity_endpoint(),
-            header: sim.identity_header(),
-        }),
-    )
+    arm_with(sim, Arc::new(support::SimulatorTokens::for_simulator(sim)))
 }
 
 async fn wait_for_job(

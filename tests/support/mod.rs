@@ -45,6 +45,18 @@ pub struct SimulatorTokens {
     cache: tokio::sync::Mutex<HashMap<String, (BearerToken, chrono::DateTime<chrono::Utc>)>>,
 }
 
+impl SimulatorTokens {
+    /// Tokens from `sim`'s managed-identity endpoint.
+    pub fn for_simulator(sim: &SimulatorHandle) -> Self {
+        SimulatorTokens {
+            endpoint: sim.identity_endpoint(),
+            header: sim.identity_header(),
+            http: reqwest::Client::new(),
+            cache: Default::default(),
+        }
+    }
+}
+
 /// A cached token is replaced this long before it expires.
 const TOKEN_REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
 
@@ -183,12 +195,7 @@ impl Harness {
             }),
             endpoint_override: Some(format!("http://{}/", endpoint.addr).parse().unwrap()),
         });
-        let tokens = Arc::new(SimulatorTokens {
-            endpoint: sim.identity_endpoint(),
-            header: sim.identity_header(),
-            http: reqwest::Client::new(),
-            cache: Default::default(),
-        });
+        let tokens = Arc::new(SimulatorTokens::for_simulator(&sim));
         let deps = Arc::new(
             Deps::with_tokens(workflow_settings, clock, config, tokens).expect("deps build"),
         );
