@@ -82,9 +82,18 @@ example_test!(
             .role_definition_id
             .unwrap()
             .ends_with("0b5fe924-9a61-425c-96af-cfe6e287ca2d"));
-        let name = role_assignment_name("scope", "principal", "role");
+        let scope = vmbackup::domain::ResourceId::parse(
+            "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv",
+        )
+        .unwrap();
+        let name = vmbackup::domain::key_vault_access::role_assignment_name(
+            &scope,
+            "principal",
+            uuid::Uuid::from_u128(1),
+        )
+        .to_string();
         assert!(
-            uuid::Uuid::parse_str(&name).is_ok(),
+            uuid::Uuid::parse_str(&name).is_ok() && uuid::Uuid::parse_str(&created.name).is_ok(),
             "names are GUIDs like the example's {}",
             created.name
         );

@@ -10,7 +10,6 @@ use super::pipeline::{ApiRequest, ArmClient, Audience};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use url::Url;
 
@@ -115,25 +114,6 @@ pub struct RoleAssignmentProperties {
     pub principal_type: Option<String>,
     pub role_definition_id: Option<String>,
     pub scope: Option<String>,
-}
-
-/// The same (scope, principal, role) always gets the same assignment name, so a redelivered
-/// grant PUTs the same resource again instead of creating a second one.
-pub fn role_assignment_name(scope: &str, principal_id: &str, role_definition_id: &str) -> String {
-    let digest = Sha256::digest(
-        format!(
-            "{}|{}|{}",
-            scope.to_ascii_lowercase(),
-            principal_id.to_ascii_lowercase(),
-            role_definition_id.to_ascii_lowercase()
-        )
-        .as_bytes(),
-    );
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes)
-        .into_uuid()
-        .to_string()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -244,14 +224,16 @@ impl KeyVaultClient {
 
     /// Assigns a role at a scope under a name derived from (scope, principal, role). An assignment of
     /// the same role to the same principal under another name (`RoleAssignmentExists`) counts as done.
+    /// PUT the role assignment `name` (the caller derives it from scope, principal and role, so a
+    /// redelivered grant PUTs the same resource again instead of creating a second one).
     pub async fn assign_role(
         &self,
         scope: &str,
+        name: &str,
         principal_id: &str,
         principal_type: &str,
         role_definition_id: &str,
     ) -> Result<Option<RoleAssignment>, AzureError> {
-        let name = role_assignment_name(scope, principal_id, role_definition_id);
         let url = self.arm.arm_url(
             &format!("{scope}/providers/Microsoft.Authorization/roleAssignments/{name}"),
             AUTHORIZATION_API_VERSION,
@@ -427,16 +409,6 @@ fn blob(response: &super::pipeline::ApiResponse) -> Result<BackupBlob, AzureErro
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn role_assignment_names_are_deterministic_guids() {
-        let a = role_assignment_name("/subscriptions/s/rg/kv", "p1", "/roles/r");
-        let b = role_assignment_name("/Subscriptions/S/RG/KV", "P1", "/roles/R");
-        let c = role_assignment_name("/subscriptions/s/rg/kv", "p2", "/roles/r");
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        assert!(uuid::Uuid::parse_str(&a).is_ok());
-    }
 
     #[test]
     fn secret_value_and_backup_blobs_stay_out_of_debug() {

@@ -344,6 +344,17 @@ mod tests {
     }
 
     #[test]
+    fn role_assignment_names_are_deterministic_and_ignore_case() {
+        let kv = ResourceId::parse(KV).unwrap();
+        let same_kv = ResourceId::parse(&KV.to_ascii_uppercase()).unwrap();
+        let role = Uuid::from_u128(7);
+        let a = role_assignment_name(&kv, "p1", role);
+        assert_eq!(a, role_assignment_name(&same_kv, "P1", role));
+        assert_ne!(a, role_assignment_name(&kv, "p2", role));
+        assert_ne!(a, role_assignment_name(&kv, "p1", Uuid::from_u128(8)));
+    }
+
+    #[test]
     fn rbac_key_vault_administrator_only_when_configured() {
         let kv = ResourceId::parse(KV).unwrap();
         let RbacPlan::Assign(plan) =

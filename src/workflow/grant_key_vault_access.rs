@@ -272,6 +272,7 @@ async fn grant_role(
         .key_vault
         .assign_role(
             &scope,
+            &assignment.name.to_string(),
             &assignment.principal_id,
             assignment.principal_type,
             &assignment.role_definition_id,
