@@ -326,11 +326,17 @@ async fn ade_backup_fails_without_key_vault_access_and_succeeds_after_grant() {
         rp["name"].as_str().unwrap()
     );
     let storage = format!("/subscriptions/{SUB}/resourceGroups/rg-backup/providers/Microsoft.Storage/storageAccounts/stweustaging");
-    let alr = json!({ "properties": { "objectType": "IaasVMRestoreRequest", "recoveryType": "AlternateLocation", "storageAccountId": storage } });
-    let (status, _, _) = arm
-        .call(reqwest::Method::POST, &restore_url, Some(alr))
-        .await;
-    assert_eq!(status, 400);
+    for recovery_type in ["AlternateLocation", "OriginalLocation"] {
+        let other = json!({ "properties": { "objectType": "IaasVMRestoreRequest", "recoveryType": recovery_type, "storageAccountId": storage } });
+        let (status, _, body) = arm
+            .call(reqwest::Method::POST, &restore_url, Some(other))
+            .await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            body["error"]["code"], "UserErrorRestoreTypeNotSupportedForEncryptedVm",
+            "{body}"
+        );
+    }
     let disks = json!({ "properties": { "objectType": "IaasVMRestoreRequest", "recoveryType": "RestoreDisks", "storageAccountId": storage,
         "targetResourceGroupId": format!("/subscriptions/{SUB}/resourceGroups/rg-restore"), "region": "westeurope", "sourceResourceId": vm_id() } });
     let (status, headers, _) = arm
@@ -538,4 +544,333 @@ fn fleet_file_errors_name_file_and_field() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A CMK VM (with tags and an extension-free agent) and an encryption-at-host VM, both protected.
+fn non_ade_fleet() -> Fleet {
+    let protected = json!({ "vault": "rsv-weu", "policy": "DefaultPolicy" });
+    let text = json!({
+        "subscriptions": [{
+            "id": SUB,
+            "recoveryVaults": [{ "name": "rsv-weu", "resourceGroup": "rg-backup", "location": "westeurope", "policies": ["DefaultPolicy"] }],
+            "keyVaults": [{ "name": "kv-cmk-weu", "resourceGroup": "rg-sec", "location": "westeurope", "authorization": "rbac",
+                            "backupAccess": true, "keys": [{ "name": "cmk-1" }] }],
+            "diskEncryptionSets": [{ "name": "des-weu", "resourceGroup": "rg-sec", "location": "westeurope", "keyVault": "kv-cmk-weu", "key": "cmk-1" }],
+            "storageAccounts": [{ "name": "stweustaging", "resourceGroup": "rg-backup", "location": "westeurope" },
+                                { "name": "stneustaging", "resourceGroup": "rg-backup", "location": "northeurope" }],
+            "virtualMachines": [
+                { "name": "vm-cmk", "resourceGroup": "rg-app", "location": "westeurope", "os": "windows", "dataDisks": 2,
+                  "tags": { "env": "prod" }, "encryption": { "kind": "cmk", "diskEncryptionSet": "des-weu" }, "protectedBy": protected },
+                { "name": "vm-host", "resourceGroup": "rg-host", "location": "westeurope", "dataDisks": 1,
+                  "encryption": { "kind": "host" }, "protectedBy": protected }
+            ]
+        }],
+        "simulation": { "timeScale": 0.0005, "backupJobSeconds": 1800, "restoreJobSeconds": 3600 }
+    });
+    Fleet::from_json_str(&text.to_string()).expect("test fleet is valid")
+}
+
+fn item_of(rg: &str, vm: &str) -> String {
+    format!("{}/backupFabrics/Azure/protectionContainers/IaasVMContainer;iaasvmcontainerv2;{rg};{vm}/protectedItems/VM;iaasvmcontainerv2;{rg};{vm}", vault_path())
+}
+
+/// Back up an already protected VM and answer the restore URL of its recovery point.
+async fn backup_for_restore(arm: &Arm, clock: Clock, item: &str) -> String {
+    let (status, headers, _) = arm
+        .call(
+            reqwest::Method::POST,
+            &format!("{item}/backup?{API}"),
+            Some(json!({ "properties": { "objectType": "IaasVMBackupRequest" } })),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let op = poll(
+        arm,
+        clock,
+        headers["azure-asyncoperation"].to_str().unwrap(),
+    )
+    .await;
+    let job = wait_job(arm, clock, op["properties"]["jobId"].as_str().unwrap()).await;
+    assert_eq!(job["properties"]["status"], "Completed", "{job}");
+    let (_, _, points) = arm
+        .call(
+            reqwest::Method::GET,
+            &format!("{item}/recoveryPoints?{API}"),
+            None,
+        )
+        .await;
+    let rp = points["value"][0]["name"].as_str().unwrap().to_string();
+    format!("{item}/recoveryPoints/{rp}/restore?{API}")
+}
+
+/// Trigger a restore, follow its LRO headers to the job, and wait for the job's end.
+async fn restore_job(arm: &Arm, clock: Clock, url: &str, body: Value) -> Value {
+    let (status, headers, answer) = arm.call(reqwest::Method::POST, url, Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(headers["retry-after"], "60");
+    assert!(headers.contains_key("location"));
+    let op = poll(
+        arm,
+        clock,
+        headers["azure-asyncoperation"].to_str().unwrap(),
+    )
+    .await;
+    assert_eq!(op["status"], "Succeeded", "{op}");
+    let (status, _, _) = arm
+        .call(
+            reqwest::Method::GET,
+            headers["location"].to_str().unwrap(),
+            None,
+        )
+        .await;
+    assert!(status < 300, "the operation result is served ({status})");
+    wait_job(arm, clock, op["properties"]["jobId"].as_str().unwrap()).await
+}
+
+async fn get(arm: &Arm, id: &str) -> Value {
+    let (status, _, body) = arm
+        .call(reqwest::Method::GET, &format!("{id}?{API}"), None)
+        .await;
+    assert_eq!(status, 200, "{id}: {body}");
+    body
+}
+
+fn disk_ids(vm: &Value) -> Vec<String> {
+    let storage = &vm["properties"]["storageProfile"];
+    std::iter::once(&storage["osDisk"])
+        .chain(storage["dataDisks"].as_array().unwrap().iter())
+        .map(|d| d["managedDisk"]["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn non_ade_vms_restore_to_a_new_vm_or_over_the_original() {
+    let sim = start(non_ade_fleet(), None).await;
+    let arm = Arm::new(&sim).await;
+    let clock = sim.clock();
+    let cmk_vm = format!("/subscriptions/{SUB}/resourceGroups/rg-app/providers/Microsoft.Compute/virtualMachines/vm-cmk");
+    let restore_url = backup_for_restore(&arm, clock, &item_of("rg-app", "vm-cmk")).await;
+    let storage = format!("/subscriptions/{SUB}/resourceGroups/rg-backup/providers/Microsoft.Storage/storageAccounts/stweustaging");
+
+    // The source VM's subnet, read as a client reads it: the VM's NIC, then its IP configuration.
+    let source = get(&arm, &cmk_vm).await;
+    let nic_id = source["properties"]["networkProfile"]["networkInterfaces"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let nic = get(&arm, &nic_id).await;
+    assert_eq!(nic["properties"]["virtualMachine"]["id"], cmk_vm.as_str());
+    let subnet = nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vnet = subnet.split("/subnets/").next().unwrap().to_string();
+    assert!(
+        vnet.contains("/providers/Microsoft.Network/virtualNetworks/"),
+        "{vnet}"
+    );
+    let (status, _, missing) = arm
+        .call(reqwest::Method::GET, &format!("{nic_id}x?{API}"), None)
+        .await;
+    assert_eq!(
+        (status, missing["error"]["code"].as_str()),
+        (404, Some("ResourceNotFound"))
+    );
+
+    // AlternateLocation: every required property missing in turn → 400 naming it.
+    let target_rg = format!("/subscriptions/{SUB}/resourceGroups/rg-restore");
+    let new_vm = format!("{target_rg}/providers/Microsoft.Compute/virtualMachines/vm-cmk-new");
+    let alr = json!({ "properties": {
+        "objectType": "IaasVMRestoreRequest", "recoveryType": "AlternateLocation", "sourceResourceId": cmk_vm,
+        "region": "westeurope", "storageAccountId": storage, "targetResourceGroupId": target_rg,
+        "targetVirtualMachineId": new_vm, "virtualNetworkId": vnet, "subnetId": subnet,
+        "originalStorageAccountOption": false, "createNewCloudService": false,
+        "encryptionDetails": { "encryptionEnabled": false }, "identityInfo": { "isSystemAssignedIdentity": true } } });
+    for property in [
+        "targetVirtualMachineId",
+        "targetResourceGroupId",
+        "virtualNetworkId",
+        "subnetId",
+        "storageAccountId",
+        "region",
+        "sourceResourceId",
+    ] {
+        let mut body = alr.clone();
+        body["properties"].as_object_mut().unwrap().remove(property);
+        let (status, _, answer) = arm
+            .call(reqwest::Method::POST, &restore_url, Some(body))
+            .await;
+        assert_eq!(status, 400, "{property}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("properties.{property}")),
+            "{property}: {answer}"
+        );
+    }
+    for (property, value) in [
+        ("subnetId", json!(format!("{vnet}-other/subnets/default"))),
+        ("virtualNetworkId", json!(format!("{vnet}-missing"))),
+        ("targetVirtualMachineId", json!(format!("/subscriptions/{SUB}/resourceGroups/rg-elsewhere/providers/Microsoft.Compute/virtualMachines/x"))),
+        ("region", json!("northeurope")),
+    ] {
+        let mut body = alr.clone();
+        body["properties"][property] = value;
+        let (status, _, answer) = arm.call(reqwest::Method::POST, &restore_url, Some(body)).await;
+        assert_eq!(status, 400, "{property}: {answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains(property), "{answer}");
+    }
+    let mut far_staging = alr.clone();
+    far_staging["properties"]["storageAccountId"] = json!(storage.replace("stweu", "stneu"));
+    let (status, _, answer) = arm
+        .call(reqwest::Method::POST, &restore_url, Some(far_staging))
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("UserErrorStorageAccountNotInVaultRegion"))
+    );
+
+    // A valid one: the new VM exists once the job completed.
+    let job = restore_job(&arm, clock, &restore_url, alr.clone()).await;
+    assert_eq!(job["properties"]["status"], "Completed", "{job}");
+    assert_eq!(job["properties"]["operation"], "Restore");
+    let bag = &job["properties"]["extendedInfo"]["propertyBag"];
+    assert_eq!(bag["Target VM Name"], "vm-cmk-new");
+    assert_eq!(bag["Target Storage Account Name"], "stweustaging");
+    assert!(
+        bag.get("Template Blob Uri").is_none(),
+        "no template for a new VM: {bag}"
+    );
+    let created = get(&arm, &new_vm).await;
+    assert_eq!(
+        created["properties"]["hardwareProfile"],
+        source["properties"]["hardwareProfile"]
+    );
+    assert_eq!(
+        created["properties"]["storageProfile"]["osDisk"]["osType"],
+        "Windows"
+    );
+    let new_disks = disk_ids(&created);
+    assert_eq!(new_disks.len(), 3);
+    for id in &new_disks {
+        assert!(
+            id.starts_with(&format!(
+                "{target_rg}/providers/Microsoft.Compute/disks/vm-cmk-"
+            )),
+            "{id}"
+        );
+        let disk = get(&arm, id).await;
+        assert_eq!(
+            disk["properties"]["encryption"]["type"],
+            "EncryptionAtRestWithCustomerKey"
+        );
+        assert!(disk["properties"]["encryption"]["diskEncryptionSetId"]
+            .as_str()
+            .unwrap()
+            .ends_with("/des-weu"));
+        assert_eq!(disk["managedBy"], new_vm.as_str());
+    }
+    let new_nic = get(
+        &arm,
+        created["properties"]["networkProfile"]["networkInterfaces"][0]["id"]
+            .as_str()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        new_nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"],
+        subnet.as_str()
+    );
+    // The same name again: refused at the trigger.
+    let (status, _, answer) = arm
+        .call(reqwest::Method::POST, &restore_url, Some(alr.clone()))
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("UserErrorVmNameAlreadyExists")),
+        "{answer}"
+    );
+
+    // OriginalLocation: the staging account is required; then the disks are swapped, the rest stays.
+    let olr = json!({ "properties": {
+        "objectType": "IaasVMRestoreRequest", "recoveryType": "OriginalLocation", "sourceResourceId": cmk_vm,
+        "region": "westeurope", "storageAccountId": storage, "originalStorageAccountOption": false,
+        "encryptionDetails": { "encryptionEnabled": false } } });
+    let mut no_staging = olr.clone();
+    no_staging["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("storageAccountId");
+    let (status, _, answer) = arm
+        .call(reqwest::Method::POST, &restore_url, Some(no_staging))
+        .await;
+    assert_eq!(status, 400);
+    assert!(answer["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("properties.storageAccountId"));
+    let old_disks = disk_ids(&source);
+    let job = restore_job(&arm, clock, &restore_url, olr).await;
+    assert_eq!(job["properties"]["status"], "Completed", "{job}");
+    let replaced = get(&arm, &cmk_vm).await;
+    for same_part in [
+        "/properties/vmId",
+        "/properties/hardwareProfile",
+        "/tags",
+        "/id",
+        "/properties/networkProfile",
+    ] {
+        assert_eq!(
+            replaced.pointer(same_part),
+            source.pointer(same_part),
+            "{same_part}"
+        );
+    }
+    let swapped = disk_ids(&replaced);
+    assert_eq!(swapped.len(), old_disks.len());
+    assert!(
+        swapped.iter().all(|d| !old_disks.contains(d)),
+        "new disks: {swapped:?}"
+    );
+    for id in &swapped {
+        let disk = get(&arm, id).await;
+        assert_eq!(disk["managedBy"], cmk_vm.as_str());
+        assert!(disk["properties"]["encryption"]["diskEncryptionSetId"]
+            .as_str()
+            .unwrap()
+            .ends_with("/des-weu"));
+    }
+    for id in &old_disks {
+        let disk = get(&arm, id).await;
+        assert_eq!(
+            disk["properties"]["diskState"], "Unattached",
+            "the old disks are kept: {disk}"
+        );
+    }
+
+    // Encryption at host carries over to a new VM.
+    let host_vm = format!("/subscriptions/{SUB}/resourceGroups/rg-host/providers/Microsoft.Compute/virtualMachines/vm-host");
+    let host_url = backup_for_restore(&arm, clock, &item_of("rg-host", "vm-host")).await;
+    let mut host_alr = alr.clone();
+    host_alr["properties"]["sourceResourceId"] = json!(host_vm);
+    host_alr["properties"]["targetVirtualMachineId"] = json!(format!(
+        "{target_rg}/providers/Microsoft.Compute/virtualMachines/vm-host-new"
+    ));
+    let (status, _, answer) = arm
+        .call(reqwest::Method::POST, &host_url, Some(alr.clone()))
+        .await;
+    assert_eq!(status, 400, "another VM's sourceResourceId: {answer}");
+    let job = restore_job(&arm, clock, &host_url, host_alr).await;
+    assert_eq!(job["properties"]["status"], "Completed", "{job}");
+    let host_new = get(
+        &arm,
+        &format!("{target_rg}/providers/Microsoft.Compute/virtualMachines/vm-host-new"),
+    )
+    .await;
+    assert_eq!(
+        host_new["properties"]["securityProfile"]["encryptionAtHost"],
+        true
+    );
+    sim.shutdown().await;
 }

@@ -520,6 +520,25 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            file: "recoveryservicesbackup/TriggerRestore_ALR_IaasVMRestoreRequest.json",
+            method: Method::POST,
+            path: "{item}/recoveryPoints/{recoveryPointId}/restore",
+            body: Some("parameters"),
+            map: |c| with(item_params(CMK_VM), &[("recoveryPointId", c.get("cmkRecoveryPoint"))]),
+            fix_body: |b, c| {
+                // A new VM from the CMK VM's point, in the fleet's network (the CMK VM's own subnet).
+                let vnet = format!("/subscriptions/{SUB}/resourceGroups/{VM_RG}/providers/Microsoft.Network/virtualNetworks/{VM_RG}-vnet");
+                set(b, "/properties/recoveryPointId", c.get("cmkRecoveryPoint"));
+                set(b, "/properties/sourceResourceId", vm_id(CMK_VM));
+                set(b, "/properties/storageAccountId", storage_id());
+                set(b, "/properties/region", "westeurope");
+                set(b, "/properties/targetResourceGroupId", format!("/subscriptions/{SUB}/resourceGroups/rg-restore"));
+                set(b, "/properties/targetVirtualMachineId", format!("/subscriptions/{SUB}/resourceGroups/rg-restore/providers/Microsoft.Compute/virtualMachines/vm-cmk-05-alr"));
+                set(b, "/properties/virtualNetworkId", vnet.clone());
+                set(b, "/properties/subnetId", format!("{vnet}/subnets/default"));
+            },
+        },
+        Case {
             file: "recoveryservicesbackup/ProtectionPolicies_Get.json",
             method: Method::GET,
             path: "{vault}/backupPolicies/{policyName}",
@@ -867,12 +886,23 @@ fn cases() -> Vec<Case> {
 
 /// Examples the simulator does not serve, with why.
 const UNSERVED: &[(&str, &str)] = &[
-    ("recoveryservicesbackup/ProtectionContainers_Inquire.json", "an Azure Files (storage account) container; the simulator serves IaaS VM containers only"),
-    ("keyvault-dataplane/wrapKey-example.json", "the simulator does no key cryptography (the workflow never wraps keys)"),
-    ("keyvault-dataplane/unwrapKey-example.json", "the simulator does no key cryptography (the workflow never unwraps keys)"),
+    (
+        "recoveryservicesbackup/ProtectionContainers_Inquire.json",
+        "an Azure Files (storage account) container; the simulator serves IaaS VM containers only",
+    ),
+    (
+        "keyvault-dataplane/wrapKey-example.json",
+        "the simulator does no key cryptography (the workflow never wraps keys)",
+    ),
+    (
+        "keyvault-dataplane/unwrapKey-example.json",
+        "the simulator does no key cryptography (the workflow never unwraps keys)",
+    ),
     ("eventgrid/Resources.json", "a schema, not an operation"),
-    ("recoveryservicesbackup/TriggerRestore_ALR_IaasVMRestoreRequest.json", "the simulator restores with RestoreDisks only (the workflow restores ADE VMs, which Azure restores only that way); it answers 400 to AlternateLocation for any VM"),
-    ("eventgrid/cloud-events-schema/resource_write_success.json", "events are delivered in the Event Grid schema only"),
+    (
+        "eventgrid/cloud-events-schema/resource_write_success.json",
+        "events are delivered in the Event Grid schema only",
+    ),
 ];
 
 /// Property names whose keys are data (user tags, claims, bags, dictionaries), not schema.

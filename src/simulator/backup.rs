@@ -1,17 +1,16 @@
 //! Microsoft.RecoveryServices: vaults, and Azure Backup for IaaS VMs — policies, protectable items and
 //! container refresh, protected items (LRO), on-demand backup, jobs over simulated time, recovery points,
-//! restore (RestoreDisks only for ADE), backupStatus — with Azure Backup's rules for encrypted VMs.
+//! restore (served by `restore`), backupStatus — with Azure Backup's rules for encrypted VMs.
 //!
 //! Error codes marked "simulator's own" could not be confirmed from Azure's documentation or specs.
 
-use super::blob::blob_key;
 use super::fleet::{AgentState, OsType, PowerState};
 use super::http::{iso_duration, rfc3339, Reply, Request};
 use super::keyvault;
 use super::state::{
-    later, parse_resource_id, same, Blob, Disk, DiskSnapshot, Job, JobFailure, JobOperation,
-    KeyAndSecret, Operation, OperationResult, ProtectedItem, RecoveryPoint, RecoveryVault,
-    RestorePlan, SimState, BACKUP_MANAGEMENT_SERVICE_APP_ID, BACKUP_MANAGEMENT_SERVICE_OBJECT_ID,
+    later, parse_resource_id, same, DiskSnapshot, Job, JobFailure, JobOperation, KeyAndSecret,
+    Operation, OperationResult, ProtectedItem, RecoveryPoint, RecoveryVault, SimState,
+    BACKUP_MANAGEMENT_SERVICE_APP_ID, BACKUP_MANAGEMENT_SERVICE_OBJECT_ID,
     KEY_VAULT_ADMINISTRATOR_ROLE,
 };
 use axum::http::{Method, StatusCode};
@@ -344,7 +343,9 @@ pub fn route(state: &mut SimState, req: &Request) -> Option<Reply> {
         );
     }
     if let Some(c) = r(Method::POST, &format!("{item}/recoverypoints/{{}}/restore")) {
-        return Some(trigger_restore(state, req, &vault, &c[2], &c[3]).unwrap_or_else(|e| e));
+        return Some(
+            super::restore::trigger_restore(state, req, &vault, &c[2], &c[3]).unwrap_or_else(|e| e),
+        );
     }
     None
 }
@@ -429,7 +430,7 @@ fn render_policy(state: &SimState, vault: &RecoveryVault, name: &str) -> Value {
 }
 
 /// Resolve `VM;iaasvmcontainerv2;{rg};{vm}` (any casing, `iaasvmcontainer` too) to the VM's protected item.
-fn find_item<'a>(
+pub(super) fn find_item<'a>(
     state: &'a SimState,
     vault: &RecoveryVault,
     item_name: &str,
@@ -445,7 +446,7 @@ fn parse_item_name(item_name: &str) -> Option<(String, String)> {
     (parts.len() == 4 && same(parts[0], "vm")).then(|| (parts[2].to_string(), parts[3].to_string()))
 }
 
-fn item_not_found(name: &str) -> Reply {
+pub(super) fn item_not_found(name: &str) -> Reply {
     Reply::arm_error(
         StatusCode::NOT_FOUND,
         "BMSUserErrorItemNotFound",
@@ -490,7 +491,7 @@ fn render_item(state: &SimState, p: &ProtectedItem) -> Value {
     })
 }
 
-fn new_operation(
+pub(super) fn new_operation(
     state: &mut SimState,
     now: DateTime<Utc>,
     seconds: u64,
@@ -514,7 +515,7 @@ fn new_operation(
 }
 
 /// 202 with `Azure-AsyncOperation`, `Location` and `Retry-After: 60`, as every saved RSB 202 example shows.
-fn lro_202(req: &Request, status_path: &str, result_path: &str) -> Reply {
+pub(super) fn lro_202(req: &Request, status_path: &str, result_path: &str) -> Reply {
     let v = req.api_version();
     Reply::empty(StatusCode::ACCEPTED)
         .with_header(
@@ -916,141 +917,6 @@ fn trigger_backup(
     ))
 }
 
-fn trigger_restore(
-    state: &mut SimState,
-    req: &Request,
-    vault: &RecoveryVault,
-    item_name: &str,
-    rp_id: &str,
-) -> Result<Reply, Reply> {
-    let body = req.json_body()?;
-    let item = find_item(state, vault, item_name)
-        .cloned()
-        .ok_or_else(|| item_not_found(item_name))?;
-    let rp = state
-        .recovery_points
-        .iter()
-        .find(|rp| same(&rp.vm_id, &item.vm_id) && rp.id == rp_id)
-        .cloned()
-        .ok_or_else(|| {
-            Reply::arm_error(
-                StatusCode::NOT_FOUND,
-                "BMSUserErrorRecoveryPointNotFound",
-                &format!("Recovery point {rp_id} was not found."),
-            )
-        })?;
-    let props = body.get("properties").cloned().unwrap_or(Value::Null);
-    let text = |key: &str| props.get(key).and_then(Value::as_str).map(String::from);
-    if !text("objectType").is_some_and(|t| t.starts_with("IaasVMRestore")) {
-        return Err(Reply::bad_request(
-            "BMSUserErrorInvalidInput",
-            "properties.objectType must be IaasVMRestoreRequest.",
-        ));
-    }
-    let recovery_type = text("recoveryType").unwrap_or_default();
-    if rp.is_encrypted() && !same(&recovery_type, "RestoreDisks") {
-        // Simulator's own code: for ADE VMs Azure Backup offers only "Restore disks".
-        return Err(Reply::bad_request("UserErrorRestoreTypeNotSupportedForEncryptedVm", &format!("Restore type '{recovery_type}' is not supported for VMs encrypted with Azure Disk Encryption; use RestoreDisks.")));
-    }
-    if !["RestoreDisks", "AlternateLocation", "OriginalLocation"]
-        .iter()
-        .any(|t| same(t, &recovery_type))
-    {
-        return Err(Reply::bad_request(
-            "BMSUserErrorInvalidInput",
-            &format!("recoveryType '{recovery_type}' is not supported by the simulator."),
-        ));
-    }
-    if !same(&recovery_type, "RestoreDisks") {
-        // The simulator restores disks only; AlternateLocation/OriginalLocation of unencrypted VMs are not modelled.
-        return Err(Reply::bad_request(
-            "BMSUserErrorInvalidInput",
-            &format!("The simulator serves only RestoreDisks, not '{recovery_type}'."),
-        ));
-    }
-    let storage_id = text("storageAccountId").ok_or_else(|| {
-        Reply::bad_request(
-            "BMSUserErrorInvalidInput",
-            "properties.storageAccountId is required for RestoreDisks.",
-        )
-    })?;
-    let account = state
-        .storage_account_by_id(&storage_id)
-        .cloned()
-        .ok_or_else(|| {
-            Reply::bad_request(
-                "UserErrorStorageAccountNotFound",
-                &format!("Storage account '{storage_id}' was not found."),
-            )
-        })?;
-    if !same(&account.location, &vault.location) {
-        // Simulator's own code: the staging account must be in the vault's region.
-        return Err(Reply::bad_request(
-            "UserErrorStorageAccountNotInVaultRegion",
-            "The staging storage account must be in the vault's region.",
-        ));
-    }
-    let (target_sub, target_rg) = match text("targetResourceGroupId") {
-        Some(id) => {
-            let parts: Vec<&str> = id.trim_matches('/').split('/').collect();
-            if parts.len() != 4
-                || !same(parts[0], "subscriptions")
-                || !same(parts[2], "resourceGroups")
-            {
-                return Err(Reply::bad_request(
-                    "BMSUserErrorInvalidInput",
-                    &format!("targetResourceGroupId '{id}' is not a resource group id."),
-                ));
-            }
-            (parts[1].to_string(), parts[3].to_string())
-        }
-        None => (account.subscription.clone(), account.resource_group.clone()),
-    };
-    if !same(&target_sub, &vault.subscription) {
-        // Simulator's own code: restores of encrypted VMs (and this simulator's restores) stay in the vault's subscription.
-        return Err(Reply::bad_request(
-            "UserErrorCrossSubscriptionRestoreNotSupported",
-            "The target resource group must be in the vault's subscription.",
-        ));
-    }
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let duration = state.simulation.restore_job_seconds;
-    state.jobs.push(Job {
-        id: job_id.clone(),
-        vault_id: vault.id(),
-        operation: JobOperation::Restore,
-        vm_id: item.vm_id.clone(),
-        vm_name: item.vm_name.clone(),
-        start: req.now,
-        end: later(req.now, duration),
-        failure: None,
-        restore: Some(RestorePlan {
-            recovery_point_id: rp.id.clone(),
-            storage_account_id: account.id(),
-            target_resource_group: target_rg,
-            target_subscription: target_sub,
-        }),
-        expiry: None,
-        user_triggered: true,
-        property_bag: Default::default(),
-        finalized: false,
-    });
-    let op = new_operation(
-        state,
-        req.now,
-        10,
-        Some(job_id),
-        None,
-        OperationResult::NoContent,
-    );
-    let item_path = format!("/{}", req.segments[..req.segments.len() - 3].join("/"));
-    Ok(lro_202(
-        req,
-        &format!("{item_path}/operationsStatus/{op}"),
-        &format!("{item_path}/operationResults/{op}"),
-    ))
-}
-
 fn render_recovery_point(item: &ProtectedItem, rp: &RecoveryPoint) -> Value {
     let mut properties = json!({
         "objectType": "IaasVMRecoveryPoint", "recoveryPointType": "CrashConsistent", "recoveryPointTime": rfc3339(rp.time),
@@ -1247,8 +1113,11 @@ pub fn finalize_jobs(state: &mut SimState, now: DateTime<Utc>) {
             JobOperation::ConfigureBackup => {}
             JobOperation::Backup => finish_backup(state, &job),
             JobOperation::Restore => {
-                let bag = finish_restore(state, &job);
+                let (bag, failure) = super::restore::finish_restore(state, &job);
                 state.jobs[index].property_bag = bag;
+                if failure.is_some() {
+                    state.jobs[index].failure = failure;
+                }
             }
         }
     }
@@ -1326,134 +1195,4 @@ fn finish_backup(state: &mut SimState, job: &Job) {
             item.protection_state = "Protected".into();
         }
     }
-}
-
-fn finish_restore(state: &mut SimState, job: &Job) -> std::collections::BTreeMap<String, String> {
-    let mut bag = std::collections::BTreeMap::new();
-    let Some(plan) = &job.restore else { return bag };
-    let Some(rp) = state
-        .recovery_points
-        .iter()
-        .find(|rp| rp.id == plan.recovery_point_id)
-        .cloned()
-    else {
-        return bag;
-    };
-    let Some(account) = state
-        .storage_account_by_id(&plan.storage_account_id)
-        .cloned()
-    else {
-        return bag;
-    };
-    let short = &job.id.replace('-', "")[..12];
-    let mut disk_ids = Vec::new();
-    for (i, snapshot) in rp.disks.iter().enumerate() {
-        let name = if i == 0 {
-            format!("{}-osdisk-{short}", rp.vm_name)
-        } else {
-            format!("{}-datadisk-{}-{short}", rp.vm_name, i - 1)
-        };
-        let disk = Disk {
-            subscription: plan.target_subscription.clone(),
-            resource_group: plan.target_resource_group.clone(),
-            name,
-            location: rp.location.clone(),
-            size_gb: snapshot.size_gb,
-            os_type: (i == 0).then_some(rp.os),
-            managed_by: None,
-            disk_encryption_set_id: snapshot.disk_encryption_set_id.clone(),
-            ade: snapshot.ade.clone(),
-            create_option: "Restore".into(),
-            created: job.end,
-        };
-        disk_ids.push((disk.id(), snapshot.lun));
-        state.disks.push(disk);
-    }
-    let container = format!("{}-{short}", rp.vm_name.to_ascii_lowercase());
-    let config_blob = format!("config-{}-{}.json", rp.vm_name.to_ascii_lowercase(), job.id);
-    let template_blob = format!("azuredeploy{}.json", job.id);
-    let endpoint = account.blob_endpoint(&state.base_url);
-    let os_disk_id = disk_ids
-        .first()
-        .map(|(id, _)| id.clone())
-        .unwrap_or_default();
-    let data_disks: Vec<Value> = disk_ids.iter().skip(1)
-        .map(|(id, lun)| json!({ "lun": lun, "createOption": "Attach", "caching": "None", "managedDisk": { "id": id } }))
-        .collect();
-    let template = json!({
-        "$schema": "https://schema.management.azure.com/schemas/2015-01-01/deploymentTemplate.json#",
-        "contentVersion": "1.0.0.0",
-        "parameters": { "VirtualMachineName": { "type": "String", "defaultValue": rp.vm_name } },
-        "resources": [{
-            "type": "Microsoft.Compute/virtualMachines", "apiVersion": "2023-09-01",
-            "name": "[parameters('VirtualMachineName')]", "location": rp.location,
-            "properties": {
-                "hardwareProfile": { "vmSize": rp.size },
-                "storageProfile": {
-                    "osDisk": { "osType": match rp.os { OsType::Linux => "Linux", OsType::Windows => "Windows" }, "createOption": "Attach", "managedDisk": { "id": os_disk_id } },
-                    "dataDisks": data_disks
-                },
-                "securityProfile": { "encryptionAtHost": rp.encryption_at_host }
-            }
-        }]
-    });
-    let config = json!({ "vmName": rp.vm_name, "location": rp.location, "vmSize": rp.size,
-                         "disks": disk_ids.iter().map(|(id, lun)| json!({ "id": id, "lun": lun })).collect::<Vec<_>>() });
-    let account_name = account.name.clone();
-    let mut put_blob = |name: &str, value: &Value| {
-        state.blobs.insert(
-            blob_key(&account_name, &container, name),
-            Blob {
-                content: value.to_string().into_bytes(),
-                content_type: "application/json".into(),
-            },
-        );
-    };
-    put_blob(&template_blob, &template);
-    put_blob(&config_blob, &config);
-    bag.insert("Job Type".into(), "Recover disks".into());
-    bag.insert("Target Storage Account Name".into(), account.name.clone());
-    bag.insert("Config Blob Container Name".into(), container.clone());
-    bag.insert("Config Blob Name".into(), config_blob.clone());
-    bag.insert(
-        "Config Blob Uri".into(),
-        format!("{endpoint}{container}/{config_blob}"),
-    );
-    bag.insert(
-        "Template Blob Uri".into(),
-        format!("{endpoint}{container}/{template_blob}"),
-    );
-    bag.insert(
-        "Target resource group".into(),
-        plan.target_resource_group.clone(),
-    );
-    bag.insert("Recovery point time".into(), rfc3339(rp.time));
-    if let Some(ks) = &rp.key_and_secret {
-        let info_blob = format!(
-            "{}{}encryptioninfo.json",
-            rp.vm_name.to_ascii_lowercase(),
-            short
-        );
-        let info = json!({
-            "EncryptionMechanism": "SinglePass",
-            "OsDiskKeyAndSecretDetails": {
-                "SecretUrl": ks.secret_url, "SecretVaultId": ks.secret_vault_id, "SecretData": ks.secret_data,
-                "KeyVaultSecretBackupData": ks.secret_backup_data,
-                "KeyUrl": ks.key_url, "KeyVaultId": ks.key_vault_id, "KeyBackupData": ks.key_backup_data
-            }
-        });
-        state.blobs.insert(
-            blob_key(&account.name, &container, &info_blob),
-            Blob {
-                content: info.to_string().into_bytes(),
-                content_type: "application/json".into(),
-            },
-        );
-        bag.insert("Encryption Info Blob Name".into(), info_blob.clone());
-        bag.insert(
-            "Encryption Info Blob Uri".into(),
-            format!("{endpoint}{container}/{info_blob}"),
-        );
-    }
-    bag
 }

@@ -233,7 +233,7 @@ pub fn render_vm(state: &SimState, vm: &Vm, expand_instance_view: bool) -> Value
         "storageProfile": storage_profile,
         "osProfile": os_profile,
         "networkProfile": { "networkInterfaces": [ {
-            "id": resource_id(&vm.subscription, &vm.resource_group, "Microsoft.Network/networkInterfaces", &format!("{}-nic", vm.name)),
+            "id": resource_id(&vm.subscription, &vm.resource_group, "Microsoft.Network/networkInterfaces", &vm.nic_name()),
             "properties": { "primary": true, "deleteOption": "Detach" }
         } ] },
         // Managed boot diagnostics (no storageUri), the default of current VMs.
@@ -791,6 +791,7 @@ pub fn upsert_vm_from_body(
             .cloned(),
         extensions: Vec::new(),
         created: now,
+        subnet: None,
     });
     state.emit_write(&vm_id, "Microsoft.Compute/virtualMachines/write", now);
     Ok((vm_id, true))

@@ -17,8 +17,9 @@
 //! ```
 //!
 //! Layout: `fleet` (the fleet file), `state` (the typed estate; `with_state` hands it out), `server`
-//! (auth, api-version, throttling, faults, logging), one module per provider (`compute`, `backup`,
-//! `keyvault`, `resources`, `deployments`, `graph`, `blob`), `events`, and `cli` (`vmbackup simulator`).
+//! (auth, api-version, throttling, faults, logging), one module per provider (`compute`, `network`,
+//! `backup` with its `restore`, `keyvault`, `resources`, `deployments`, `graph`, `blob`), `events`, and
+//! `cli` (`vmbackup simulator`).
 
 pub mod backup;
 pub mod blob;
@@ -30,7 +31,9 @@ pub mod fleet;
 pub mod graph;
 pub mod http;
 pub mod keyvault;
+pub mod network;
 pub mod resources;
+pub mod restore;
 pub mod server;
 pub mod state;
 

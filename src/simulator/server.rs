@@ -3,7 +3,7 @@
 
 use super::http::{check_api_version, percent_decode, Body, Reply, Request};
 use super::state::{Counters, RequestRecord, SimState};
-use super::{backup, blob, compute, deployments, graph, keyvault, resources};
+use super::{backup, blob, compute, deployments, graph, keyvault, network, resources};
 use crate::clock::Clock;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -566,8 +566,9 @@ fn injected_fault(shared: &Shared) -> Option<Reply> {
 }
 
 fn dispatch_arm(state: &mut SimState, request: &Request) -> Reply {
-    let providers: [fn(&mut SimState, &Request) -> Option<Reply>; 5] = [
+    let providers: [fn(&mut SimState, &Request) -> Option<Reply>; 6] = [
         compute::route,
+        network::route,
         backup::route,
         keyvault::route_management,
         resources::route,

@@ -43,6 +43,10 @@ pub struct Vm {
     pub image_reference: Option<Value>,
     pub extensions: Vec<Extension>,
     pub created: DateTime<Utc>,
+    /// The subnet of the VM's NIC (`{vm}-nic`); `None` is the default subnet of its resource group's
+    /// vnet ([`Vm::subnet_id`]). Set for VMs an alternate-location restore creates.
+    #[serde(default)]
+    pub subnet: Option<String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
@@ -210,6 +214,21 @@ pub struct RestorePlan {
     pub storage_account_id: String,
     pub target_resource_group: String,
     pub target_subscription: String,
+    /// What the restore produces (estates saved before the other kinds existed restored disks).
+    #[serde(default)]
+    pub kind: RestoreKind,
+}
+
+/// The `recoveryType` of a restore, with what its completion needs.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Default, PartialEq)]
+pub enum RestoreKind {
+    /// `RestoreDisks`: disks in the target group, template and config in the staging account.
+    #[default]
+    Disks,
+    /// `OriginalLocation`: the source VM's disks are swapped for restored ones.
+    OriginalVm,
+    /// `AlternateLocation`: a new VM with this name in the target group, its NIC in this subnet.
+    NewVm { name: String, subnet_id: String },
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
@@ -456,6 +475,25 @@ impl Vm {
             "Microsoft.Compute/virtualMachines",
             &self.name,
         )
+    }
+    /// The name of the VM's (only, primary) network interface, in the VM's resource group.
+    pub fn nic_name(&self) -> String {
+        format!("{}-nic", self.name)
+    }
+    /// The subnet of the VM's NIC: its own, else `default` of the `{resource group}-vnet` that the
+    /// portal creates beside a VM (the fleet file describes no networks).
+    pub fn subnet_id(&self) -> String {
+        self.subnet.clone().unwrap_or_else(|| {
+            format!(
+                "{}/subnets/default",
+                resource_id(
+                    &self.subscription,
+                    &self.resource_group,
+                    "Microsoft.Network/virtualNetworks",
+                    &format!("{}-vnet", self.resource_group),
+                )
+            )
+        })
     }
 }
 impl Disk {
@@ -734,6 +772,7 @@ impl SimState {
             image_reference: None,
             extensions: Vec::new(),
             created: now,
+            subnet: None,
         });
         self.emit_write(&vm_id, "Microsoft.Compute/virtualMachines/write", now);
         if let EncryptionSpec::Ade {
