@@ -46,6 +46,9 @@ struct RestoreArgs {
     /// `latest`, a recovery point id, or an RFC 3339 time (the newest point at or before it).
     #[arg(long)]
     recovery_point: Option<String>,
+    /// `restore-disks` (default), `replace-existing`, `alternate-location` or `files`.
+    #[arg(long)]
+    mode: Option<String>,
     /// ARM id of the resource group to restore into (default: the VM's).
     #[arg(long)]
     target_resource_group: Option<String>,
@@ -55,6 +58,9 @@ struct RestoreArgs {
     /// URL the outcome is POSTed to.
     #[arg(long)]
     callback: Option<String>,
+    /// `alternate-location` only: ARM id of the subnet for the new VM (default: the source VM's).
+    #[arg(long)]
+    target_subnet: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -91,16 +97,17 @@ enum AzureArg {
 }
 
 async fn enqueue_restore(args: RestoreArgs) -> Result<(), Failure> {
-    use vmbackup::domain::restore::{validate_request, RestoreRequestFields};
+    use vmbackup::domain::restore::{request_message_id, validate_request, RestoreRequestFields};
     use vmbackup::events::{CloudEvent, EventData};
     let fields = RestoreRequestFields {
         ticket_id: Some(args.ticket),
         vm_id: Some(args.vm),
-        mode: None,
+        mode: args.mode,
         recovery_point: args.recovery_point,
         target_resource_group: args.target_resource_group,
         staging_storage_account: args.staging_storage_account,
         callback_url: args.callback,
+        target_subnet_id: args.target_subnet,
     };
     let request = validate_request(&fields).map_err(|r| Failure::Usage(r.message))?;
     let config =
@@ -121,8 +128,14 @@ async fn enqueue_restore(args: RestoreArgs) -> Result<(), Failure> {
         tokens,
         &config.audiences.service_bus,
     );
-    let event = CloudEvent::start(fields, Some(request.vm_id.to_string()), chrono::Utc::now())
-        .with_ticket(request.ticket_id.clone());
+    // One id per request content: the same request sent twice is one message (duplicate detection).
+    let event = CloudEvent::start_with_id(
+        fields,
+        Some(request.vm_id.to_string()),
+        chrono::Utc::now(),
+        request_message_id(&request),
+    )
+    .with_ticket(request.ticket_id.clone());
     let body = serde_json::to_value(&event).map_err(|e| Failure::Runtime(e.to_string()))?;
     let message = vmbackup::azure::servicebus::OutgoingMessage {
         body,

@@ -89,6 +89,7 @@ fn samples() -> Vec<(&'static str, Value)> {
             ticket_id: Some("INC-1001".into()), vm_id: Some(VM.into()), mode: Some("restore-disks".into()),
             recovery_point: Some("latest".into()), target_resource_group: Some(RG.into()),
             staging_storage_account: None, callback_url: Some("https://tickets.example/hooks/INC-1001".into()),
+            target_subnet_id: None,
         })),
         (RestoreDisksRestored::TYPE, event(RestoreDisksRestored {
             restore: restore_context(), job_id: "7e1a".into(),

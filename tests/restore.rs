@@ -44,14 +44,17 @@ fn fleet() -> String {
             ],
             "diskEncryptionSets": [{ "name": "des-weu", "resourceGroup": "rg-sec", "location": "westeurope",
                                      "keyVault": "kv-cmk-weu", "key": "cmk-1" }],
-            "storageAccounts": [{ "name": "stweustaging", "resourceGroup": "rg-backup", "location": "westeurope" }],
+            "storageAccounts": [{ "name": "stweustaging", "resourceGroup": "rg-backup", "location": "westeurope" },
+                                { "name": "stneustaging", "resourceGroup": "rg-backup", "location": "northeurope" }],
             "virtualMachines": [
                 vm("vm-lin-kek", "linux", json!({ "kind": "ade", "keyVault": "kv-ade-weu", "secret": "bek-lin", "kek": "kek-1" }), protected.clone()),
                 vm("vm-win-bek", "windows", json!({ "kind": "ade", "keyVault": "kv-ade-weu", "secret": "bek-win" }), protected.clone()),
                 vm("vm-lin-gone", "linux", json!({ "kind": "ade", "keyVault": "kv-ade-weu", "secret": "bek-gone", "kek": "kek-2" }), protected.clone()),
                 vm("vm-cmk", "linux", json!({ "kind": "cmk", "diskEncryptionSet": "des-weu" }), protected.clone()),
-                vm("vm-plain", "linux", json!({ "kind": "pmk" }), protected),
-                vm("vm-unprotected", "linux", json!({ "kind": "pmk" }), Value::Null)
+                vm("vm-plain", "linux", json!({ "kind": "pmk" }), protected.clone()),
+                vm("vm-unprotected", "linux", json!({ "kind": "pmk" }), Value::Null),
+                json!({ "name": "vm-host", "resourceGroup": "rg-host", "location": "westeurope", "os": "windows",
+                        "encryption": { "kind": "host" }, "dataDisks": 1, "tags": { "owner": "ops" }, "protectedBy": protected })
             ]
         }],
         "simulation": { "timeScale": 0.001, "backupJobSeconds": 120, "restoreJobSeconds": 600 }
@@ -207,7 +210,8 @@ async fn idle(h: &Harness) {
 
 /// An on-demand backup, so the VM has a recovery point.
 async fn back_up(h: &Harness, vm: &str) {
-    let item = ProtectedItemRef::for_vm(&vault_id(), &vm_id(vm)).unwrap();
+    let id = h.sim.with_state(|s| s.vm_by_name(vm).unwrap().id());
+    let item = ProtectedItemRef::for_vm(&vault_id(), &id).unwrap();
     let job = h
         .deps
         .backup
@@ -662,12 +666,12 @@ async fn every_reason_code_is_a_rejection() {
     let bare = one_event(&h, "vmbackup.restore.rejected", "REJ-9").await;
     assert_eq!(bare["data"]["reason"], "FileLevelRestoreUnsupported");
 
-    // Non-ADE replace-existing goes to Azure as OriginalLocation; the simulator refuses it, and the
-    // refusal is reported rather than dropped.
+    // A restore Azure refuses (a staging account outside the vault's region) is reported, not dropped.
     send_request(
         &h,
         RestoreRequestFields {
-            mode: Some("replace-existing".into()),
+            mode: Some("alternate-location".into()),
+            staging_storage_account: Some(staging().replace("stweu", "stneu")),
             ..request(&cb, "vm-plain", "REJ-10")
         },
     );
@@ -677,10 +681,13 @@ async fn every_reason_code_is_a_rejection() {
         failed["data"]["message"]
             .as_str()
             .unwrap()
-            .contains("OriginalLocation"),
+            .contains("AlternateLocation"),
         "{failed}"
     );
-    assert_eq!(failed["data"]["azureCode"], "BMSUserErrorInvalidInput");
+    assert_eq!(
+        failed["data"]["azureCode"],
+        "UserErrorStorageAccountNotInVaultRegion"
+    );
     assert!(h.events_of("vmbackup.job.started").is_empty());
 
     // Every outcome reached its ticket's callback.
@@ -750,13 +757,25 @@ async fn the_webhook_answers_202_with_the_correlation_id_or_400_naming_the_field
     let body =
         json!({ "ticketId": "WEB-1", "vmId": vm_id("vm-lin-kek"), "recoveryPoint": "latest" })
             .to_string();
-    let (status, answer, enqueued) = call_webhook(&h, &body).await;
+    let (status, answer, outputs) = call_webhook(&h, &body).await;
     assert_eq!(status, 202, "{answer}");
+    assert!(
+        outputs.is_null(),
+        "sent through Service Bus (with its MessageId), not the binding"
+    );
     let correlation = answer["correlationId"].as_str().unwrap();
-    assert_eq!(enqueued[0]["type"], "vmbackup.restore.requested");
+    let enqueued = events_for(&h, "vmbackup.restore.requested", "WEB-1");
+    assert_eq!(enqueued.len(), 1, "{enqueued:?}");
     assert_eq!(enqueued[0]["correlationid"], correlation);
-    assert_eq!(enqueued[0]["ticketid"], "WEB-1");
     assert_eq!(enqueued[0]["data"]["vmId"], vm_id("vm-lin-kek"));
+    let message_id = h
+        .journal()
+        .into_iter()
+        .find(|e| serde_json::from_slice::<Value>(&e.body).ok().as_ref() == Some(&enqueued[0]))
+        .map(|e| e.message_id)
+        .unwrap();
+    assert!(message_id.starts_with("restore-web-1-"), "{message_id}");
+    assert_eq!(enqueued[0]["id"], message_id.as_str());
 
     for (body, field) in [
         (
@@ -775,11 +794,16 @@ async fn the_webhook_answers_202_with_the_correlation_id_or_400_naming_the_field
         ),
         ("not json".to_string(), "body"),
     ] {
-        let (status, answer, enqueued) = call_webhook(&h, &body).await;
+        let (status, answer, outputs) = call_webhook(&h, &body).await;
         assert_eq!(status, 400, "{answer}");
         assert_eq!(answer["field"], field, "{answer}");
-        assert!(enqueued.is_null(), "nothing is enqueued for a bad request");
+        assert!(outputs.is_null(), "nothing is enqueued for a bad request");
     }
+    assert_eq!(
+        h.events_of("vmbackup.restore.requested").len(),
+        1,
+        "nothing is enqueued for a bad request"
+    );
     h.stop().await;
 }
 
@@ -856,5 +880,276 @@ async fn requests_through_the_front_door_and_the_cli_are_restored() {
     }
     assert!(events_for(&h, "vmbackup.restore.requested", "DOOR-2").is_empty());
     assert!(events_for(&h, "vmbackup.restore.requested", "CLI-2").is_empty());
+    h.stop().await;
+}
+
+/// One ticket of a mode Azure restores by itself (replace-existing, alternate-location): from the
+/// request to `restore.completed`, with nothing recreated in between.
+async fn restore_in_azure(h: &Harness, fields: RestoreRequestFields) -> Value {
+    let ticket = fields.ticket_id.clone().unwrap();
+    send_request(h, fields);
+    idle(h).await;
+    assert!(!events_for(h, "vmbackup.job.started", &ticket).is_empty());
+    let completed = one_event(h, "vmbackup.restore.completed", &ticket).await;
+    assert!(events_for(h, "vmbackup.restore.disks-restored", &ticket).is_empty());
+    assert!(events_for(h, "vmbackup.restore.vm-recreated", &ticket).is_empty());
+    assert_eq!(completed["data"]["adeReinstalled"], false);
+    completed
+}
+
+/// The restore jobs the simulator ran for a VM.
+fn restore_jobs(h: &Harness, vm: &str) -> usize {
+    h.sim.with_state(|s| {
+        s.jobs
+            .iter()
+            .filter(|j| {
+                j.operation == vmbackup::simulator::state::JobOperation::Restore && j.vm_name == vm
+            })
+            .count()
+    })
+}
+
+/// Send the same ticket again (as a new message: the marker, not the queue, must catch it) while
+/// its job runs and after it completed: still one job, one outcome.
+async fn same_ticket_again(h: &Harness, cb: &Callbacks, fields: RestoreRequestFields, vm: &str) {
+    let ticket = fields.ticket_id.clone().unwrap();
+    send_request(h, fields.clone());
+    one_event(h, "vmbackup.job.started", &ticket).await;
+    send_request(h, fields.clone());
+    idle(h).await;
+    one_event(h, "vmbackup.restore.completed", &ticket).await;
+    send_request(h, fields);
+    idle(h).await;
+    assert_eq!(restore_jobs(h, vm), 1, "{ticket}: one restore job");
+    let calls = cb.calls_for(&ticket);
+    assert_eq!(calls.len(), 1, "{ticket}: one outcome: {calls:?}");
+    assert_eq!(calls[0].event["type"], "vmbackup.restore.completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ade_vms_are_restored_in_place_or_as_new_vms() {
+    let (h, cb) = start().await;
+    for vm in ["vm-plain", "vm-cmk", "vm-host"] {
+        back_up(&h, vm).await;
+    }
+
+    // PMK, replace-existing: the VM keeps its id, size, tags; its disks are new ones from the point.
+    let before = h
+        .sim
+        .with_state(|s| s.vm_by_name("vm-plain").unwrap().clone());
+    let fields = RestoreRequestFields {
+        mode: Some("replace-existing".into()),
+        ..request(&cb, "vm-plain", "MODE-1")
+    };
+    let done = restore_in_azure(&h, fields.clone()).await;
+    assert_eq!(done["data"]["restoredVmId"], vm_id("vm-plain"));
+    let after = h
+        .sim
+        .with_state(|s| s.vm_by_name("vm-plain").unwrap().clone());
+    assert_eq!(
+        (&after.vm_id, &after.size, after.os, after.data_disks.len()),
+        (
+            &before.vm_id,
+            &before.size,
+            before.os,
+            before.data_disks.len()
+        )
+    );
+    assert_ne!(after.os_disk, before.os_disk, "a new OS disk");
+    assert!(after
+        .data_disks
+        .iter()
+        .all(|d| !before.data_disks.contains(d)));
+    assert_eq!(
+        after
+            .tags
+            .get("vmbackup-restore-mode-1")
+            .map(String::as_str),
+        Some(format!("done:{}", done_job(&h, "MODE-1")).as_str()),
+        "the VM is its own restored VM: its marker says done"
+    );
+    same_ticket_again(&h, &cb, fields, "vm-plain").await;
+
+    // CMK, alternate-location: a new VM with the disk encryption set, in the source VM's subnet.
+    let original = facts(&h, "vm-cmk");
+    let fields = RestoreRequestFields {
+        mode: Some("alternate-location".into()),
+        target_resource_group: Some(format!("/subscriptions/{SUB}/resourceGroups/rg-restore")),
+        ..request(&cb, "vm-cmk", "MODE-2")
+    };
+    let done = restore_in_azure(&h, fields.clone()).await;
+    let new_id = format!("/subscriptions/{SUB}/resourceGroups/rg-restore/providers/Microsoft.Compute/virtualMachines/vm-cmk-restored-mode-2");
+    assert_eq!(done["data"]["restoredVmId"], new_id.as_str());
+    let restored = facts(&h, "vm-cmk-restored-mode-2");
+    assert_like_original(&original, &restored);
+    assert!(restored
+        .disks
+        .iter()
+        .all(|d| d.3.as_deref().is_some_and(|des| des.ends_with("/des-weu"))));
+    let (source_subnet, new_subnet, source_tagged) = h.sim.with_state(|s| {
+        let source = s.vm_by_name("vm-cmk").unwrap();
+        (
+            source.subnet_id(),
+            s.vm_by_name("vm-cmk-restored-mode-2").unwrap().subnet_id(),
+            source
+                .tags
+                .keys()
+                .any(|k| k.starts_with("vmbackup-restore")),
+        )
+    });
+    assert_eq!(
+        new_subnet, source_subnet,
+        "the source VM's subnet, read from its NIC"
+    );
+    assert!(
+        !source_tagged,
+        "the new VM marks the ticket; the source's tag is removed"
+    );
+    let nic_reads = h
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/networkInterfaces/vm-cmk-nic"))
+        .count();
+    assert!(nic_reads >= 1);
+    same_ticket_again(&h, &cb, fields, "vm-cmk").await;
+
+    // Encryption at host, alternate-location into a subnet the request names.
+    let subnet = h
+        .sim
+        .with_state(|s| s.vm_by_name("vm-cmk").unwrap().subnet_id());
+    let host_id = format!("/subscriptions/{SUB}/resourceGroups/rg-host/providers/Microsoft.Compute/virtualMachines/vm-host");
+    let fields = RestoreRequestFields {
+        mode: Some("alternate-location".into()),
+        target_subnet_id: Some(subnet.clone()),
+        vm_id: Some(host_id),
+        ..request(&cb, "vm-host", "MODE-3")
+    };
+    let done = restore_in_azure(&h, fields.clone()).await;
+    assert!(done["data"]["restoredVmId"]
+        .as_str()
+        .unwrap()
+        .ends_with("/resourceGroups/rg-host/providers/Microsoft.Compute/virtualMachines/vm-host-restored-mode-3"));
+    let (at_host, os, placed) = h.sim.with_state(|s| {
+        let vm = s.vm_by_name("vm-host-restored-mode-3").unwrap();
+        (vm.encryption_at_host, vm.os, vm.subnet_id())
+    });
+    assert!(at_host, "encryption at host carries over");
+    assert_eq!(format!("{os:?}"), "Windows");
+    assert_eq!(placed, subnet);
+    same_ticket_again(&h, &cb, fields, "vm-host").await;
+
+    // A redelivered last check of a job: the same outcome under the same id, nothing new.
+    let checks = events_for(&h, "vmbackup.job.started", "MODE-3");
+    let last = checks
+        .iter()
+        .max_by_key(|e| e["data"]["checks"].as_u64().unwrap_or(0))
+        .unwrap();
+    let (status, answer) = h.invoke("track-job", last, 2).await;
+    assert_eq!(status, 200, "{answer}");
+    let outputs: Vec<Value> = answer["Outputs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+        .collect();
+    let original = one_event(&h, "vmbackup.restore.completed", "MODE-3").await;
+    assert_eq!(outputs.len(), 1, "{answer}");
+    assert_eq!(outputs[0]["id"], original["id"]);
+    assert_eq!(restore_jobs(&h, "vm-host"), 1);
+
+    assert!(
+        h.events_of("vmbackup.restore.failed").is_empty(),
+        "{:?}",
+        h.events_of("vmbackup.restore.failed")
+    );
+    assert_eq!(h.queue.dead_letter_count().unwrap(), 0);
+    h.stop().await;
+}
+
+/// The job id a ticket's restore ran as.
+fn done_job(h: &Harness, ticket: &str) -> String {
+    events_for(h, "vmbackup.job.started", ticket)[0]["data"]["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_sent_twice_at_once_starts_one_restore() {
+    let (h, cb) = start().await;
+    back_up(&h, "vm-cmk").await;
+    back_up(&h, "vm-plain").await;
+
+    // `vmbackup restore` run twice at the same instant (a double-submitted ticket).
+    let cli = |ticket: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmbackup"))
+            .args(["restore", "--vm", &vm_id("vm-cmk"), "--ticket", ticket])
+            .args([
+                "--mode",
+                "alternate-location",
+                "--callback",
+                &cb.url(ticket),
+            ])
+            .env("ServiceBusConnection", h.service_bus_connection_string())
+            .env("VMBACKUP_SERVICEBUS_ENDPOINT", &h.service_bus_url)
+            .env_remove("ServiceBusConnection__fullyQualifiedNamespace")
+            .spawn()
+            .unwrap()
+    };
+    let (mut first, mut second) = (cli("RACE-1"), cli("RACE-1"));
+    assert!(first.wait().unwrap().success());
+    assert!(second.wait().unwrap().success());
+
+    // The webhook called twice concurrently through the host's front door.
+    let webhook = format!("{}/api/restore-webhook", h.front_door_url);
+    let body = json!({ "ticketId": "RACE-2", "vmId": vm_id("vm-plain"), "mode": "replace-existing",
+                       "callbackUrl": cb.url("RACE-2") });
+    let post = || {
+        reqwest::Client::new()
+            .post(&webhook)
+            .query(&[("code", support::FUNCTION_KEY)])
+            .json(&body)
+            .send()
+    };
+    let (a, b) = tokio::join!(post(), post());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (202, 202));
+    let (a, b): (Value, Value) = (a.json().await.unwrap(), b.json().await.unwrap());
+    assert_eq!(
+        a["correlationId"], b["correlationId"],
+        "one request, one correlation id"
+    );
+
+    // A corrected request for a ticket is another message (delivered, then judged by start-restore).
+    let corrected = RestoreRequestFields {
+        mode: Some("alternate-location".into()),
+        recovery_point: Some("latest".into()),
+        callback_url: Some(cb.url("RACE-1")),
+        ..request(&cb, "vm-cmk", "RACE-1")
+    };
+    let validated = vmbackup::domain::restore::validate_request(&corrected).unwrap();
+    let same_id = vmbackup::domain::restore::request_message_id(&validated);
+    let mut other = validated.clone();
+    other.recovery_point = vmbackup::domain::restore::RecoveryPointSelector::Id("1".into());
+    assert_ne!(
+        vmbackup::domain::restore::request_message_id(&other),
+        same_id
+    );
+
+    idle(&h).await;
+    for (ticket, vm) in [("RACE-1", "vm-cmk"), ("RACE-2", "vm-plain")] {
+        let requested = events_for(&h, "vmbackup.restore.requested", ticket);
+        assert_eq!(requested.len(), 1, "{ticket}: one message on the queue");
+        assert_eq!(restore_jobs(&h, vm), 1, "{ticket}: one restore job");
+        let calls = cb.calls_for(ticket);
+        assert_eq!(calls.len(), 1, "{ticket}: {calls:?}");
+        assert_eq!(calls[0].event["type"], "vmbackup.restore.completed");
+    }
+    assert_eq!(
+        events_for(&h, "vmbackup.restore.requested", "RACE-1")[0]["id"],
+        same_id.as_str(),
+        "the CLI and a caller computing the id agree"
+    );
     h.stop().await;
 }

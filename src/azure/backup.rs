@@ -283,8 +283,8 @@ pub enum RecoveryType {
     OriginalLocation,
 }
 
-/// An `IaasVMRestoreRequest`. Build one with [`IaasVmRestoreRequest::restore_disks`] (the only
-/// kind Azure allows for ADE VMs) or set the fields for the other kinds.
+/// An `IaasVMRestoreRequest`: [`IaasVmRestoreRequest::restore_disks`] (the only kind Azure allows
+/// for ADE VMs), [`IaasVmRestoreRequest::original_location`], [`IaasVmRestoreRequest::alternate_location`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IaasVmRestoreRequest {
@@ -345,6 +345,54 @@ impl IaasVmRestoreRequest {
             subnet_id: None,
             zones: None,
             identity_info: None,
+        }
+    }
+
+    /// Replace the disks of `source_vm_id` in place (`OriginalLocation`, non-ADE VMs only), staging
+    /// through `storage_account_id`, as Azure Backup's REST guide shows it.
+    pub fn original_location(
+        recovery_point_id: &str,
+        source_vm_id: &str,
+        region: &str,
+        storage_account_id: &str,
+    ) -> Self {
+        IaasVmRestoreRequest {
+            recovery_type: RecoveryType::OriginalLocation,
+            ..Self::restore_disks(
+                recovery_point_id,
+                source_vm_id,
+                region,
+                storage_account_id,
+                None,
+                EncryptionDetails::default(),
+            )
+        }
+    }
+
+    /// Create `target_vm_id` from the point (`AlternateLocation`, non-ADE VMs only), its NIC in
+    /// `subnet_id` of `virtual_network_id`.
+    pub fn alternate_location(
+        recovery_point_id: &str,
+        source_vm_id: &str,
+        region: &str,
+        storage_account_id: &str,
+        target_vm_id: &str,
+        target_resource_group_id: &str,
+        (virtual_network_id, subnet_id): (&str, &str),
+    ) -> Self {
+        IaasVmRestoreRequest {
+            recovery_type: RecoveryType::AlternateLocation,
+            target_virtual_machine_id: Some(target_vm_id.to_string()),
+            virtual_network_id: Some(virtual_network_id.to_string()),
+            subnet_id: Some(subnet_id.to_string()),
+            ..Self::restore_disks(
+                recovery_point_id,
+                source_vm_id,
+                region,
+                storage_account_id,
+                Some(target_resource_group_id),
+                EncryptionDetails::default(),
+            )
         }
     }
 
@@ -683,6 +731,43 @@ mod tests {
             "https://kv/keys/k/1"
         );
         assert!(body["properties"].get("targetResourceGroupId").is_none());
+    }
+
+    #[test]
+    fn original_and_alternate_location_bodies_carry_their_targets() {
+        let olr = IaasVmRestoreRequest::original_location("1", "/vm", "westus", "/sa").to_body();
+        assert_eq!(olr["properties"]["recoveryType"], "OriginalLocation");
+        assert_eq!(olr["properties"]["storageAccountId"], "/sa");
+        assert_eq!(
+            olr["properties"]["encryptionDetails"]["encryptionEnabled"],
+            false
+        );
+        assert!(olr["properties"].get("targetVirtualMachineId").is_none());
+        let alr = IaasVmRestoreRequest::alternate_location(
+            "1",
+            "/vm",
+            "westus",
+            "/sa",
+            "/rg/vm2",
+            "/rg",
+            ("/vnet", "/vnet/subnets/s"),
+        )
+        .to_body();
+        let p = &alr["properties"];
+        assert_eq!(p["recoveryType"], "AlternateLocation");
+        assert_eq!(
+            (
+                p["targetVirtualMachineId"].as_str(),
+                p["targetResourceGroupId"].as_str()
+            ),
+            (Some("/rg/vm2"), Some("/rg"))
+        );
+        assert_eq!(
+            (p["virtualNetworkId"].as_str(), p["subnetId"].as_str()),
+            (Some("/vnet"), Some("/vnet/subnets/s"))
+        );
+        assert_eq!(p["region"], "westus");
+        assert_eq!(p["sourceResourceId"], "/vm");
     }
 
     #[test]

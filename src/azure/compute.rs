@@ -1,4 +1,5 @@
-//! Compute: VMs with instance view, disks, disk encryption sets, extensions; tags on any resource.
+//! Compute: VMs with instance view, disks, disk encryption sets, extensions; tags on any resource;
+//! a VM's network interface (for its subnet).
 
 use super::error::AzureError;
 use super::pipeline::{decode_resource, ApiRequest, ArmClient};
@@ -13,6 +14,8 @@ pub const COMPUTE_API_VERSION: &str = "2025-11-01";
 pub const DISK_API_VERSION: &str = "2025-01-02";
 /// `Microsoft.Resources/tags`.
 pub const TAGS_API_VERSION: &str = "2025-04-01";
+/// Network interfaces (Microsoft.Network swagger).
+pub const NETWORK_API_VERSION: &str = "2024-05-01";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdRef {
@@ -40,7 +43,88 @@ pub struct VmProperties {
     pub storage_profile: StorageProfile,
     pub os_profile: Option<OsProfile>,
     pub security_profile: Option<SecurityProfile>,
+    pub network_profile: Option<NetworkProfile>,
     pub instance_view: Option<VmInstanceView>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct NetworkProfile {
+    pub network_interfaces: Vec<NetworkInterfaceRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct NetworkInterfaceRef {
+    pub id: String,
+    pub properties: Option<PrimaryFlag>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PrimaryFlag {
+    pub primary: Option<bool>,
+}
+
+impl VirtualMachine {
+    /// The id of the VM's primary NIC (the only one, or the one marked primary).
+    pub fn primary_nic_id(&self) -> Option<&str> {
+        let nics = &self.properties.network_profile.as_ref()?.network_interfaces;
+        let primary = |nic: &&NetworkInterfaceRef| {
+            nic.properties
+                .as_ref()
+                .and_then(|p| p.primary)
+                .unwrap_or(false)
+        };
+        nics.iter()
+            .find(primary)
+            .or_else(|| (nics.len() == 1).then(|| &nics[0]))
+            .map(|nic| nic.id.as_str())
+            .filter(|id| !id.is_empty())
+    }
+}
+
+/// A network interface, as far as its subnet.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct NetworkInterface {
+    pub id: String,
+    pub location: String,
+    pub properties: NetworkInterfaceProperties,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct NetworkInterfaceProperties {
+    pub ip_configurations: Vec<IpConfiguration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct IpConfiguration {
+    pub name: String,
+    pub properties: IpConfigurationProperties,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct IpConfigurationProperties {
+    pub primary: Option<bool>,
+    pub subnet: Option<IdRef>,
+}
+
+impl NetworkInterface {
+    /// The subnet of the primary IP configuration (the only one, or the one marked primary).
+    pub fn primary_subnet_id(&self) -> Option<&str> {
+        let configs = &self.properties.ip_configurations;
+        configs
+            .iter()
+            .find(|c| c.properties.primary.unwrap_or(false))
+            .or_else(|| configs.first())
+            .and_then(|c| c.properties.subnet.as_ref())
+            .map(|s| s.id.as_str())
+            .filter(|id| !id.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -371,6 +455,15 @@ impl ComputeClient {
         self.arm.get_json(url).await
     }
 
+    pub async fn get_network_interface(
+        &self,
+        nic_id: &str,
+    ) -> Result<NetworkInterface, AzureError> {
+        self.arm
+            .get_json(self.arm.arm_url(nic_id, NETWORK_API_VERSION)?)
+            .await
+    }
+
     pub async fn get_instance_view(&self, vm_id: &str) -> Result<VmInstanceView, AzureError> {
         let url = self
             .arm
@@ -456,5 +549,36 @@ impl ComputeClient {
             // A 202 whose operation result is empty: read the tags back.
             None => self.arm.get_json(url).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_nic_and_subnet_are_found_as_azure_shows_them() {
+        let vm: VirtualMachine =
+            serde_json::from_value(json!({ "properties": { "networkProfile": {
+            "networkInterfaces": [
+                { "id": "/nic-b", "properties": { "primary": false } },
+                { "id": "/nic-a", "properties": { "primary": true } }
+            ] } } }))
+            .unwrap();
+        assert_eq!(vm.primary_nic_id(), Some("/nic-a"));
+        let single: VirtualMachine = serde_json::from_value(
+            json!({ "properties": { "networkProfile": { "networkInterfaces": [{ "id": "/nic" }] } } }),
+        )
+        .unwrap();
+        assert_eq!(single.primary_nic_id(), Some("/nic"));
+        assert_eq!(VirtualMachine::default().primary_nic_id(), None);
+
+        let nic: NetworkInterface =
+            serde_json::from_value(json!({ "properties": { "ipConfigurations": [
+            { "name": "a", "properties": { "subnet": { "id": "/subnets/x" } } },
+            { "name": "b", "properties": { "primary": true, "subnet": { "id": "/subnets/y" } } }
+        ] } }))
+            .unwrap();
+        assert_eq!(nic.primary_subnet_id(), Some("/subnets/y"));
     }
 }

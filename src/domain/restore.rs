@@ -1,5 +1,6 @@
 //! Restore decisions: validate a request, check it against the VM and the app's scopes, choose the
-//! recovery point, name the restored VM and its deployment, and describe the ADE extension to reinstall.
+//! recovery point, name the restored VM and its deployment, derive the request's Service Bus message
+//! id, and describe the ADE extension to reinstall.
 
 pub use crate::domain::encryption::split_object_url;
 use crate::domain::encryption::{
@@ -19,6 +20,8 @@ use std::str::FromStr;
 pub const MAX_TICKET_ID_LEN: usize = 64;
 /// Azure VM and deployment names are at most 64 characters.
 pub const MAX_AZURE_NAME_LEN: usize = 64;
+/// The type of a subnet id (`…/virtualNetworks/{vnet}/subnets/{subnet}`).
+pub const SUBNET_TYPE: &str = "Microsoft.Network/virtualNetworks/subnets";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -105,6 +108,10 @@ pub struct RestoreRequestFields {
     pub target_resource_group: Option<String>,
     pub staging_storage_account: Option<String>,
     pub callback_url: Option<String>,
+    /// `alternate-location` only: ARM id of the subnet for the new VM's network interface (default:
+    /// the subnet of the source VM's primary NIC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_subnet_id: Option<String>,
 }
 
 /// A well-formed restore request.
@@ -118,6 +125,8 @@ pub struct RestoreRequest {
     pub target_resource_group: Option<ResourceId>,
     pub staging_storage_account: Option<ResourceId>,
     pub callback_url: Option<url::Url>,
+    /// `alternate-location` only.
+    pub target_subnet: Option<ResourceId>,
 }
 
 fn present<'a>(field: &str, value: &'a Option<String>) -> Result<Option<&'a str>, Rejection> {
@@ -183,6 +192,24 @@ pub fn validate_request(fields: &RestoreRequestFields) -> Result<RestoreRequest,
                 })
         })
         .transpose()?;
+    let target_subnet = present("targetSubnetId", &fields.target_subnet_id)?
+        .map(|v| typed_id("targetSubnetId", v, SUBNET_TYPE))
+        .transpose()?;
+    if target_subnet.is_some() && mode != RestoreMode::AlternateLocation {
+        return Err(Rejection::invalid_field(
+            "targetSubnetId",
+            format!("applies to mode alternate-location only, not {mode}"),
+        ));
+    }
+    // Replace-existing restores the VM where it is: another group would be a silent no-op.
+    if let (RestoreMode::ReplaceExisting, Some(target)) = (mode, &target_resource_group) {
+        if vm_id.resource_group_scope().as_ref() != Some(target) {
+            return Err(Rejection::invalid_field(
+                "targetResourceGroup",
+                "replace-existing restores the VM in its own resource group; omit it or name that group",
+            ));
+        }
+    }
     Ok(RestoreRequest {
         ticket_id: ticket_id.to_string(),
         vm_id,
@@ -191,7 +218,51 @@ pub fn validate_request(fields: &RestoreRequestFields) -> Result<RestoreRequest,
         target_resource_group,
         staging_storage_account,
         callback_url,
+        target_subnet,
     })
+}
+
+impl fmt::Display for RecoveryPointSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecoveryPointSelector::Latest => f.write_str("latest"),
+            RecoveryPointSelector::Id(id) => f.write_str(id),
+            RecoveryPointSelector::AtOrBefore(t) => {
+                f.write_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+            }
+        }
+    }
+}
+
+/// The Service Bus `MessageId` every door (webhook, `vmbackup restore`, the local timeline) sends a
+/// request under: `restore-<ticket lowercased>-<16 hex digits of SHA-256 of the request>`. The same
+/// request sent twice — two clicks, a retried call, two copies racing — carries one id, and Service
+/// Bus's duplicate detection (10 minutes on restore-requests) keeps one copy. A request that differs
+/// in any field (a corrected recovery point, another mode, another callback) gets another id and is
+/// delivered; start-restore then lets it start a restore only if the ticket has none in flight or
+/// done. The digest covers the validated request in canonical form (ids compared as ARM does,
+/// defaults filled in), so spelling differences do not defeat it.
+pub fn request_message_id(request: &RestoreRequest) -> String {
+    let canonical = |id: Option<&ResourceId>| id.map(ResourceId::canonical).unwrap_or_default();
+    let ticket = request.ticket_id.to_ascii_lowercase();
+    let content = [
+        ticket.clone(),
+        request.vm_id.canonical(),
+        request.mode.to_string(),
+        request.recovery_point.to_string(),
+        canonical(request.target_resource_group.as_ref()),
+        canonical(request.staging_storage_account.as_ref()),
+        request
+            .callback_url
+            .as_ref()
+            .map(url::Url::to_string)
+            .unwrap_or_default(),
+        canonical(request.target_subnet.as_ref()),
+    ]
+    .join("\n");
+    let digest = Sha256::digest(content.as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("restore-{ticket}-{hex}")
 }
 
 /// The subscriptions and resource groups the app may act on. Empty means nothing is allowed: scopes
@@ -266,8 +337,11 @@ pub struct RestorePlan {
     pub recovery_type: AzureRecoveryType,
     pub recovery_point: RecoveryPoint,
     pub target_resource_group: ResourceId,
-    /// Name of the VM recreated from the restored disks (or created by an alternate-location restore).
+    /// Name of the VM recreated from the restored disks, created by an alternate-location restore,
+    /// or (replace-existing) the VM itself.
     pub restored_vm_name: String,
+    /// `restored_vm_name` in the target resource group: the VM the ticket gets back.
+    pub restored_vm_id: ResourceId,
     /// Name of the template deployment that recreates the VM: a retry finds its own deployment.
     pub deployment_name: String,
 }
@@ -298,6 +372,7 @@ pub fn plan_restore(
             "stagingStorageAccount",
             request.staging_storage_account.as_ref(),
         ),
+        ("targetSubnetId", request.target_subnet.as_ref()),
     ] {
         if let Some(id) = id {
             if !id
@@ -306,7 +381,7 @@ pub fn plan_restore(
             {
                 return Err(Rejection::new(
                     ReasonCode::CrossSubscriptionRestore,
-                    format!("{field} {id} is in another subscription than the VM; encrypted VMs restore within their subscription"),
+                    format!("{field} {id} is in another subscription than the VM; restores stay within the VM's subscription"),
                 ));
             }
         }
@@ -315,6 +390,12 @@ pub fn plan_restore(
         return Err(Rejection::new(
             ReasonCode::ScopeNotAllowed,
             format!("target resource group {target} is outside the allowed scopes"),
+        ));
+    }
+    if let Some(subnet) = request.target_subnet.as_ref().filter(|s| !scopes.allows(s)) {
+        return Err(Rejection::new(
+            ReasonCode::ScopeNotAllowed,
+            format!("target subnet {subnet} is outside the allowed scopes"),
         ));
     }
     let ade = ctx.encryption.is_ade();
@@ -349,11 +430,23 @@ pub fn plan_restore(
                 format!("no recovery point matches {:?}", request.recovery_point),
             )
         })?;
+    // Replace-existing restores the VM itself (validation keeps the target its own group).
+    let restored_name = match recovery_type {
+        AzureRecoveryType::OriginalLocation => vm.name().to_string(),
+        _ => restored_vm_name(vm.name(), &request.ticket_id),
+    };
+    let restored_vm_id = target
+        .child(
+            "providers/Microsoft.Compute/virtualMachines",
+            &restored_name,
+        )
+        .map_err(|e| Rejection::invalid_field("vmId", e))?;
     Ok(RestorePlan {
         recovery_type,
         recovery_point,
         target_resource_group: target,
-        restored_vm_name: restored_vm_name(vm.name(), &request.ticket_id),
+        restored_vm_name: restored_name,
+        restored_vm_id,
         deployment_name: deployment_name(&request.ticket_id),
     })
 }
@@ -467,6 +560,7 @@ mod tests {
 
     const SUB: &str = "11111111-1111-1111-1111-111111111111";
     const VM: &str = "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg-app/providers/Microsoft.Compute/virtualMachines/vm-web-01";
+    const SUBNET: &str = "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg-net/providers/Microsoft.Network/virtualNetworks/vnet-1/subnets/app";
 
     fn fields() -> RestoreRequestFields {
         RestoreRequestFields {
@@ -653,6 +747,39 @@ mod tests {
                 },
                 "callbackUrl",
             ),
+            (
+                RestoreRequestFields {
+                    mode: Some("alternate-location".into()),
+                    target_subnet_id: Some(format!("{SUBNET}/../x")),
+                    ..fields()
+                },
+                "targetSubnetId",
+            ),
+            (
+                RestoreRequestFields {
+                    mode: Some("alternate-location".into()),
+                    target_subnet_id: Some(VM.into()),
+                    ..fields()
+                },
+                "targetSubnetId",
+            ),
+            (
+                RestoreRequestFields {
+                    target_subnet_id: Some(SUBNET.into()),
+                    ..fields()
+                },
+                "targetSubnetId",
+            ),
+            (
+                RestoreRequestFields {
+                    mode: Some("replace-existing".into()),
+                    target_resource_group: Some(format!(
+                        "/subscriptions/{SUB}/resourceGroups/rg-other"
+                    )),
+                    ..fields()
+                },
+                "targetResourceGroup",
+            ),
         ];
         for (f, field) in cases {
             let err = validate_request(&f).expect_err(field);
@@ -811,6 +938,137 @@ mod tests {
             code(plan(f, &EncryptionKind::Pmk, true, &both)),
             ReasonCode::CrossSubscriptionRestore
         );
+    }
+
+    #[test]
+    fn target_subnet_stays_in_the_subscription_and_scopes() {
+        let other = "22222222-2222-2222-2222-222222222222";
+        let alternate = |subnet: String| RestoreRequestFields {
+            mode: Some("alternate-location".into()),
+            target_subnet_id: Some(subnet),
+            ..fields()
+        };
+        let both = AllowedScopes {
+            subscriptions: vec![SUB.into(), other.into()],
+            resource_groups: vec![],
+        };
+        assert_eq!(
+            code(plan(
+                alternate(SUBNET.replace(SUB, other)),
+                &EncryptionKind::Pmk,
+                true,
+                &both
+            )),
+            ReasonCode::CrossSubscriptionRestore
+        );
+        let app_only = AllowedScopes {
+            subscriptions: vec![],
+            resource_groups: vec![ResourceId::parse(&format!(
+                "/subscriptions/{SUB}/resourceGroups/rg-app"
+            ))
+            .unwrap()],
+        };
+        assert_eq!(
+            code(plan(
+                alternate(SUBNET.into()),
+                &EncryptionKind::Pmk,
+                true,
+                &app_only
+            )),
+            ReasonCode::ScopeNotAllowed
+        );
+        let p = plan(
+            alternate(SUBNET.into()),
+            &EncryptionKind::Pmk,
+            true,
+            &scopes(),
+        )
+        .unwrap();
+        assert_eq!(p.recovery_type, AzureRecoveryType::AlternateLocation);
+    }
+
+    #[test]
+    fn restored_vm_is_a_new_name_in_the_target_or_the_vm_itself() {
+        let target = format!("/subscriptions/{SUB}/resourceGroups/rg-restore");
+        let f = RestoreRequestFields {
+            mode: Some("alternate-location".into()),
+            target_resource_group: Some(target.clone()),
+            ..fields()
+        };
+        let p = plan(
+            f,
+            &EncryptionKind::Cmk {
+                disk_encryption_set: ResourceId::parse(VM).unwrap(),
+            },
+            true,
+            &scopes(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.restored_vm_id.to_string(),
+            format!(
+                "{target}/providers/Microsoft.Compute/virtualMachines/vm-web-01-restored-inc-1001"
+            )
+        );
+        // Replace-existing: the VM itself, also when the request names the VM's own group.
+        let f = RestoreRequestFields {
+            mode: Some("replace-existing".into()),
+            target_resource_group: Some(format!("/subscriptions/{SUB}/resourcegroups/RG-APP")),
+            ..fields()
+        };
+        let p = plan(f, &EncryptionKind::Pmk, true, &scopes()).unwrap();
+        assert_eq!(p.restored_vm_id, ResourceId::parse(VM).unwrap());
+        assert_eq!(p.restored_vm_name, "vm-web-01");
+    }
+
+    #[test]
+    fn message_id_is_one_per_ticket_and_content() {
+        let id = |f: RestoreRequestFields| request_message_id(&validate_request(&f).unwrap());
+        let base = id(fields());
+        assert!(base.starts_with("restore-inc-1001-"), "{base}");
+        assert_eq!(base.len(), "restore-inc-1001-".len() + 16);
+        assert!(base.len() <= 128, "Service Bus MessageId limit");
+        // Same request, other spelling: defaults written out, ids in other case, ticket in other case.
+        let spelled = RestoreRequestFields {
+            ticket_id: Some("inc-1001".into()),
+            vm_id: Some(VM.to_ascii_lowercase()),
+            mode: Some("restore-disks".into()),
+            recovery_point: Some("LATEST".into()),
+            ..fields()
+        };
+        assert_eq!(id(spelled), base);
+        // Any real difference is another message.
+        let variants = [
+            RestoreRequestFields {
+                recovery_point: Some("2026-11-28T05:00:00Z".into()),
+                ..fields()
+            },
+            RestoreRequestFields {
+                mode: Some("alternate-location".into()),
+                ..fields()
+            },
+            RestoreRequestFields {
+                target_resource_group: Some(format!("/subscriptions/{SUB}/resourceGroups/rg-x")),
+                ..fields()
+            },
+            RestoreRequestFields {
+                callback_url: Some("https://tickets.example/hook".into()),
+                ..fields()
+            },
+            RestoreRequestFields {
+                ticket_id: Some("INC-1002".into()),
+                ..fields()
+            },
+            RestoreRequestFields {
+                mode: Some("alternate-location".into()),
+                target_subnet_id: Some(SUBNET.into()),
+                ..fields()
+            },
+        ];
+        let mut seen = std::collections::HashSet::from([base]);
+        for variant in variants {
+            assert!(seen.insert(id(variant.clone())), "{variant:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use super::envelope::EventData;
 use crate::domain::eligibility::KeyVaultAccessNeed;
 use crate::domain::encryption::EncryptionKind;
-use crate::domain::restore::RestoreRequestFields;
+use crate::domain::restore::{RestoreMode, RestoreRequestFields};
 use crate::domain::{ReasonCode, ResourceId};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -234,6 +234,8 @@ pub struct RestoreContext {
     pub mode: String,
     pub recovery_point_id: String,
     pub target_resource_group_id: ResourceId,
+    /// The VM the ticket gets back, in the target resource group: recreated from the restored disks
+    /// (restore-disks), created by Azure (alternate-location), or the VM itself (replace-existing).
     pub restored_vm_name: String,
     pub deployment_name: String,
     pub encryption: EncryptionKind,
@@ -241,6 +243,28 @@ pub struct RestoreContext {
     pub os_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+}
+
+impl RestoreContext {
+    /// `restored_vm_name` in the target resource group.
+    pub fn restored_vm_id(
+        &self,
+    ) -> Result<ResourceId, crate::domain::resource_id::ResourceIdError> {
+        self.target_resource_group_id.child(
+            "providers/Microsoft.Compute/virtualMachines",
+            &self.restored_vm_name,
+        )
+    }
+
+    /// Whether Azure's restore job itself leaves the VM restored (replace-existing,
+    /// alternate-location): then there is nothing to recreate.
+    pub fn job_restores_the_vm(&self) -> bool {
+        self.mode != RestoreMode::RestoreDisks.as_str()
+    }
+
+    pub fn replaces_existing(&self) -> bool {
+        self.mode == RestoreMode::ReplaceExisting.as_str()
+    }
 }
 
 /// What kind of job is tracked, with what its completion needs.

@@ -19,7 +19,7 @@ use super::queue::{OutgoingMessage, Queue};
 use super::report::{self, ArmCounts, Report};
 use super::servicebus_endpoint::{self, EndpointConfig, RunningEndpoint};
 use crate::clock::Clock;
-use crate::domain::restore::RestoreRequestFields;
+use crate::domain::restore::{request_message_id, validate_request, RestoreRequestFields};
 use crate::domain::ResourceId;
 use crate::events::{queues, BackupRequested, BackupRequester, CloudEvent, EventData};
 use crate::simulator::fleet::{Fleet, TimelineAction};
@@ -627,7 +627,13 @@ fn timeline_message(
                 target_resource_group: target_resource_group.clone(),
                 staging_storage_account: staging_account,
                 callback_url: callback.clone(),
+                target_subnet_id: None,
             };
+            // The id every door gives this request (a malformed one keeps the entry's id and is
+            // rejected by start-restore): the same ticket and content twice is one message.
+            let id = validate_request(&data)
+                .map(|request| request_message_id(&request))
+                .unwrap_or(id);
             let event = CloudEvent::start_with_id(data, Some(vm_id), now, id).with_ticket(ticket);
             enqueue_event(queue, &event)?;
             Ok(format!("restore-request {ticket} for {vm_name}"))

@@ -4,14 +4,13 @@
 //! material), drop the ticket's marker tag from the source VM → `restore.completed`. Non-ADE VMs go
 //! straight to `restore.completed`.
 
-use super::start_restore::{restore_failed, ticket_tag};
+use super::start_restore::{clear_mark, restore_failed};
 use super::Deps;
-use crate::azure::compute::{TagsOperation, VmExtensionParameters};
+use crate::azure::compute::VmExtensionParameters;
 use crate::azure::AzureError;
 use crate::domain::restore::{ade_extension, OsType};
 use crate::events::{queues, CloudEvent, RestoreCompleted, RestoreVmRecreated};
 use crate::runtime::{FunctionSpec, HandlerError, Invocation, OutputBinding, Outputs, Trigger};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub const NAME: &str = "reinstall-ade";
@@ -117,23 +116,11 @@ pub async fn handle(
         }
     }
     // The restored VM now marks the ticket as done; the source VM's tag has served its purpose.
-    let tag = ticket_tag(&restore.ticket_id);
-    let source = restore.vm_id.to_string();
-    if let Ok(tags) = retry_or(
-        deps.compute.get_tags(&source).await,
-        "reading the VM's tags",
+    if let Err(e) = retry_or(
+        clear_mark(&deps, &restore.vm_id, &restore.ticket_id).await,
+        "removing the ticket tag",
     )? {
-        if let Some(value) = tags.properties.tags.get(&tag).cloned() {
-            let exact = BTreeMap::from([(tag.clone(), value)]);
-            if let Err(e) = retry_or(
-                deps.compute
-                    .update_tags(&source, TagsOperation::Delete, &exact)
-                    .await,
-                "removing the ticket tag",
-            )? {
-                tracing::warn!(error = %e, %tag, "could not remove the ticket tag");
-            }
-        }
+        tracing::warn!(error = %e, ticket = %restore.ticket_id, "could not remove the ticket tag");
     }
     tracing::info!(ticket = %restore.ticket_id, vm = %vm_id, ade_reinstalled, "restore completed");
     outputs.push(

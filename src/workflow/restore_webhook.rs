@@ -2,9 +2,15 @@
 //! call a URL. The body is the restore request JSON (`RestoreRequestFields`); it is validated and
 //! enqueued as `vmbackup.restore.requested`, answering 202 with the correlation id, or 400 naming
 //! the bad field. Checks against Azure happen later, in start-restore.
+//!
+//! The request travels under [`request_message_id`] (also its event and correlation id): the same
+//! request posted twice, even at the same instant, is one message on the queue (Service Bus
+//! duplicate detection) and both callers get the same 202. It is sent through the app's Service Bus
+//! sender, which sets the `MessageId`; an output binding cannot, so the `request` binding is used
+//! only where no sender is configured (no duplicate detection then).
 
 use super::Deps;
-use crate::domain::restore::{validate_request, RestoreRequestFields};
+use crate::domain::restore::{request_message_id, validate_request, RestoreRequestFields};
 use crate::events::{queues, CloudEvent};
 use crate::runtime::{
     AuthLevel, FunctionSpec, HandlerError, HttpRequest, Invocation, OutputBinding, Outputs, Trigger,
@@ -76,9 +82,17 @@ pub async fn handle(
             return Ok(outputs);
         }
     };
-    let event = CloudEvent::start(fields, Some(validated.vm_id.to_string()), deps.clock.now())
-        .with_ticket(validated.ticket_id.clone());
-    outputs.push(REQUEST, &event)?;
+    let event = CloudEvent::start_with_id(
+        fields,
+        Some(validated.vm_id.to_string()),
+        deps.clock.now(),
+        request_message_id(&validated),
+    )
+    .with_ticket(validated.ticket_id.clone());
+    match &deps.sender {
+        Some(_) => super::track_job::send_event(&deps, &event, None).await?,
+        None => outputs.push(REQUEST, &event)?,
+    }
     tracing::info!(ticket = %validated.ticket_id, correlation = %event.correlationid, "restore request accepted");
     outputs.http_response(
         RESPONSE,

@@ -1,20 +1,26 @@
 //! `start-restore` (`restore.requested`): validate a ticket's restore request against the VM's
-//! protection, its recovery points and the app's scopes, then start the Azure Backup restore
-//! (`RestoreDisks` for every ADE VM) and hand the job to track-job (`job.started`), or answer
-//! `restore.rejected` with a reason code.
+//! protection, its recovery points and the app's scopes, then start the Azure Backup restore and hand
+//! the job to track-job (`job.started`), or answer `restore.rejected` with a reason code. Modes:
+//! `restore-disks` → `RestoreDisks` (the only one for ADE VMs); for non-ADE VMs `replace-existing` →
+//! `OriginalLocation` (the VM must exist) and `alternate-location` → `AlternateLocation`, a new VM
+//! named `restored_vm_name` in the target group, in the source VM's subnet (read from its primary
+//! NIC) unless the request names `targetSubnetId`.
 //!
 //! The queue accepts the CloudEvent `vmbackup.restore.requested` and, for ticket systems that cannot
 //! build a CloudEvent, the bare request JSON (`RestoreRequestFields`).
 //!
 //! One restore per ticket: before triggering, the source VM gets the tag
 //! `vmbackup-restore-<ticket>` = `pending:<time>`, then `job:<id>` once Azure accepted the restore.
-//! A later request with the same ticket finds the tag (in flight, or done when the job completed) or
-//! the restored VM (done, tag already removed by reinstall-ade) and starts nothing.
+//! A later request with the same ticket finds the tag (in flight, or done when the job completed),
+//! `done:<job>` (a replace-existing restore completed: the VM itself is the restored one) or the
+//! restored VM (done, tag already removed by reinstall-ade or track-job) and starts nothing. Copies
+//! of one request racing each other never both get here: every door sends a request under
+//! [`request_message_id`](crate::domain::restore::request_message_id) and Service Bus keeps one.
 
 use super::track_job::{azure_code, send_event};
 use super::Deps;
 use crate::azure::backup::{
-    EncryptionDetails, IaasVmRestoreRequest, KeyAndSecretDetails, ProtectedItemRef, RecoveryType,
+    EncryptionDetails, IaasVmRestoreRequest, KeyAndSecretDetails, ProtectedItemRef,
 };
 use crate::azure::compute::{TagsOperation, VirtualMachine};
 use crate::azure::AzureError;
@@ -54,6 +60,8 @@ pub fn ticket_tag(ticket_id: &str) -> String {
 
 const PENDING_PREFIX: &str = "pending:";
 const JOB_PREFIX: &str = "job:";
+/// A replace-existing restore completed (the VM is its own restored VM, so the tag stays).
+pub(crate) const DONE_PREFIX: &str = "done:";
 
 /// A transient Azure error becomes a retry; anything else is returned for the caller to report.
 pub(crate) fn transient_or(error: AzureError) -> Result<AzureError, HandlerError> {
@@ -293,20 +301,22 @@ async fn earlier_restore(
     vm: Option<&VirtualMachine>,
     vault_id: &str,
     vm_id: &ResourceId,
-    target: &ResourceId,
-    restored_vm_name: &str,
+    restored_vm: Option<&ResourceId>,
     ticket_id: &str,
 ) -> Result<Earlier, AzureError> {
-    let restored =
-        format!("{target}/providers/Microsoft.Compute/virtualMachines/{restored_vm_name}");
-    match deps.compute.get_vm(&restored, false).await {
-        Ok(_) => return Ok(Earlier::Done),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e),
+    if let Some(restored) = restored_vm {
+        match deps.compute.get_vm(&restored.to_string(), false).await {
+            Ok(_) => return Ok(Earlier::Done),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
     }
     let Some(marker) = vm.and_then(|vm| vm.tags.get(&ticket_tag(ticket_id))) else {
         return Ok(Earlier::Nothing);
     };
+    if marker.starts_with(DONE_PREFIX) {
+        return Ok(Earlier::Done);
+    }
     let live = |status: Option<&str>| !matches!(status, Some("Failed" | "Cancelled"));
     if let Some(job_id) = marker.strip_prefix(JOB_PREFIX) {
         return match deps.backup.get_job(vault_id, job_id).await {
@@ -336,7 +346,7 @@ async fn earlier_restore(
     Ok(Earlier::Nothing)
 }
 
-async fn mark(
+pub(crate) async fn mark(
     deps: &Deps,
     vm_id: &ResourceId,
     ticket_id: &str,
@@ -347,6 +357,76 @@ async fn mark(
         .update_tags(&vm_id.to_string(), TagsOperation::Merge, &tags)
         .await
         .map(|_| ())
+}
+
+/// Remove the ticket's marker from the source VM once a restored VM (another one) marks the ticket
+/// as done. A missing VM or tag is nothing to remove; other failures are reported to the caller.
+pub(crate) async fn clear_mark(
+    deps: &Deps,
+    vm_id: &ResourceId,
+    ticket_id: &str,
+) -> Result<(), AzureError> {
+    let tag = ticket_tag(ticket_id);
+    let source = vm_id.to_string();
+    let tags = match deps.compute.get_tags(&source).await {
+        Ok(tags) => tags,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(value) = tags.properties.tags.get(&tag).cloned() else {
+        return Ok(());
+    };
+    let exact = BTreeMap::from([(tag, value)]);
+    deps.compute
+        .update_tags(&source, TagsOperation::Delete, &exact)
+        .await
+        .map(|_| ())
+}
+
+/// The subnet of a VM's primary NIC, `None` when the VM shows none.
+async fn source_subnet(deps: &Deps, vm: &VirtualMachine) -> Result<Option<String>, AzureError> {
+    let Some(nic_id) = vm.primary_nic_id() else {
+        return Ok(None);
+    };
+    match deps.compute.get_network_interface(nic_id).await {
+        Ok(nic) => Ok(nic.primary_subnet_id().map(str::to_string)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where an alternate-location restore puts the new VM's NIC: `(vnet id, subnet id)`.
+async fn alternate_network(
+    deps: &Deps,
+    request_subnet: Option<&ResourceId>,
+    vm: Option<&VirtualMachine>,
+) -> Result<Result<(String, String), Rejection>, HandlerError> {
+    let subnet = match (request_subnet, vm) {
+        (Some(subnet), _) => Some(subnet.to_string()),
+        (None, Some(vm)) => source_subnet(deps, vm).await.map_err(|e| {
+            HandlerError::transient(format!("reading the source VM's network interface: {e}"))
+        })?,
+        (None, None) => None,
+    };
+    let Some(subnet) = subnet else {
+        return Ok(Err(Rejection::invalid_field(
+            "targetSubnetId",
+            "is required: the source VM shows no network interface with a subnet to restore into",
+        )));
+    };
+    let vnet = match ResourceId::parse(&subnet) {
+        Ok(id) if id.is_type(crate::domain::restore::SUBNET_TYPE) => subnet
+            .rsplit_once("/subnets/")
+            .map(|(vnet, _)| vnet.to_string()),
+        _ => None,
+    };
+    Ok(match vnet {
+        Some(vnet) => Ok((vnet, subnet)),
+        None => Err(Rejection::invalid_field(
+            "targetSubnetId",
+            format!("the source VM's NIC names {subnet:?}, not a subnet id"),
+        )),
+    })
 }
 
 pub async fn handle(
@@ -486,6 +566,21 @@ async fn start(
             format!("VM {} is not protected", request.vm_id.name()),
         )));
     };
+    if plan.recovery_type == AzureRecoveryType::OriginalLocation && vm.is_none() {
+        return Ok(Started::Rejected(Rejection::invalid_field(
+            "vmId",
+            "the VM no longer exists; replace-existing needs it (use alternate-location or restore-disks)",
+        )));
+    }
+    let network = match plan.recovery_type {
+        AzureRecoveryType::AlternateLocation => {
+            match alternate_network(deps, request.target_subnet.as_ref(), vm.as_ref()).await? {
+                Ok(network) => Some(network),
+                Err(rejection) => return Ok(Started::Rejected(rejection)),
+            }
+        }
+        _ => None,
+    };
     let staging = match request
         .staging_storage_account
         .clone()
@@ -514,13 +609,15 @@ async fn start(
         os_type: os_type_of(point_os_type.as_deref(), vm.as_ref()),
         callback_url: request.callback_url.as_ref().map(|u| u.to_string()),
     };
+    // Replace-existing restores the VM itself: its existence says nothing about the ticket.
+    let restored_vm =
+        (plan.recovery_type != AzureRecoveryType::OriginalLocation).then_some(&plan.restored_vm_id);
     let earlier = earlier_restore(
         deps,
         vm.as_ref(),
         &item.vault_id,
         &request.vm_id,
-        &plan.target_resource_group,
-        &plan.restored_vm_name,
+        restored_vm,
         &request.ticket_id,
     )
     .await
@@ -547,22 +644,32 @@ async fn start(
             )));
         }
     }
-    let mut azure_request = IaasVmRestoreRequest::restore_disks(
-        &plan.recovery_point.id,
-        &vm_text,
-        &vault_location,
-        &staging.to_string(),
-        Some(&plan.target_resource_group.to_string()),
-        encryption_details(key_and_secret.as_ref()),
-    );
-    azure_request.recovery_type = match plan.recovery_type {
-        AzureRecoveryType::RestoreDisks => RecoveryType::RestoreDisks,
-        AzureRecoveryType::OriginalLocation => RecoveryType::OriginalLocation,
-        AzureRecoveryType::AlternateLocation => RecoveryType::AlternateLocation,
+    let (rp_id, staging) = (&plan.recovery_point.id, staging.to_string());
+    let target = plan.target_resource_group.to_string();
+    let azure_request = match (plan.recovery_type, &network) {
+        (AzureRecoveryType::OriginalLocation, _) => {
+            IaasVmRestoreRequest::original_location(rp_id, &vm_text, &vault_location, &staging)
+        }
+        (AzureRecoveryType::AlternateLocation, Some((vnet, subnet))) => {
+            IaasVmRestoreRequest::alternate_location(
+                rp_id,
+                &vm_text,
+                &vault_location,
+                &staging,
+                &plan.restored_vm_id.to_string(),
+                &target,
+                (vnet, subnet),
+            )
+        }
+        _ => IaasVmRestoreRequest::restore_disks(
+            rp_id,
+            &vm_text,
+            &vault_location,
+            &staging,
+            Some(&target),
+            encryption_details(key_and_secret.as_ref()),
+        ),
     };
-    if plan.recovery_type == AzureRecoveryType::OriginalLocation {
-        azure_request.target_virtual_machine_id = Some(vm_text.clone());
-    }
     let job_id = match deps.backup.trigger_restore(&item, &azure_request).await {
         Ok(Some(job_id)) => job_id,
         Ok(None) => {

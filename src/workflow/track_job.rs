@@ -1,4 +1,6 @@
 //! `track-job`: follows one Azure Backup job (a backup or a restore) from `job.started` to its end.
+//! A completed RestoreDisks job goes on to recreate-vm (`restore.disks-restored`); a completed
+//! replace-existing or alternate-location job has restored the VM itself → `restore.completed`.
 //!
 //! Each invocation GETs the job once. While it runs, the function schedules its own next check
 //! through Service Bus with a growing delay ([`JobTrackingPolicy`]), bounded in total. Check number
@@ -6,6 +8,7 @@
 //! redelivered or duplicated check sends its successor under an id Service Bus has already seen and
 //! duplicate detection keeps one chain.
 
+use super::start_restore::{clear_mark, mark, DONE_PREFIX};
 use super::Deps;
 use crate::azure::backup::{BackupJob, JobErrorDetail};
 use crate::azure::servicebus::OutgoingMessage;
@@ -22,7 +25,8 @@ use crate::domain::encryption::{
 use crate::domain::{ReasonCode, ResourceId};
 use crate::events::{
     queues, AfterAccess, BackupCompleted, BackupFailed, CloudEvent, EventData, JobStarted,
-    KeyVaultAccessNeeded, RestoreContext, RestoreDisksRestored, RestoreFailed, TrackedJob,
+    KeyVaultAccessNeeded, RestoreCompleted, RestoreContext, RestoreDisksRestored, RestoreFailed,
+    TrackedJob,
 };
 use crate::runtime::{
     FunctionApp, FunctionSpec, HandlerError, Invocation, OutputBinding, Outputs, Trigger,
@@ -33,7 +37,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub const NAME: &str = "track-job";
-/// `backup.completed`, `backup.failed`, `restore.failed` → notify.
+/// `backup.completed`, `backup.failed`, `restore.completed`, `restore.failed` → notify.
 const OUTCOMES: &str = "outcomes";
 /// `key-vault.access-needed` → grant-key-vault-access.
 const ACCESS_NEEDED: &str = "accessNeeded";
@@ -335,6 +339,19 @@ async fn restore_outcome(
     let job_id = &event.data.job_id;
     match outcome {
         JobOutcome::Running => Ok(()),
+        JobOutcome::Completed { .. } if context.job_restores_the_vm() => {
+            let data = match vm_restored(deps, context, job_id).await? {
+                Ok(completed) => {
+                    tracing::info!(%job_id, ticket = %context.ticket_id, vm = %completed.restored_vm_id, mode = %context.mode, "restore completed");
+                    outputs.push(OUTCOMES, &ending_event(event, job_id, completed, now))?;
+                    return Ok(());
+                }
+                Err(message) => restore_failed(context, ReasonCode::JobFailed, None, message),
+            };
+            tracing::warn!(%job_id, ticket = %context.ticket_id, message = %data.message, "restore failed");
+            outputs.push(OUTCOMES, &ending_event(event, job_id, data, now))?;
+            Ok(())
+        }
         JobOutcome::Completed { .. } => {
             let bag = job
                 .and_then(|j| j.properties.extended_info.as_ref())
@@ -383,6 +400,52 @@ fn restore_failed(
         azure_code,
         callback_url: context.callback_url.clone(),
     }
+}
+
+/// A replace-existing or alternate-location job completed: the restored VM must exist. The ticket's
+/// marker on the source VM then says done: `done:<job>` for replace-existing (the VM is its own
+/// restored VM), removed for alternate-location (the new VM says it).
+async fn vm_restored(
+    deps: &Deps,
+    context: &RestoreContext,
+    job_id: &str,
+) -> Result<Result<RestoreCompleted, String>, HandlerError> {
+    let restored = match context.restored_vm_id() {
+        Ok(id) => id,
+        Err(e) => return Ok(Err(format!("the restored VM's id: {e}"))),
+    };
+    match deps.compute.get_vm(&restored.to_string(), false).await {
+        Ok(_) => {}
+        Err(e) if e.is_transient() => return Err(transient("cannot read the restored VM", e)),
+        Err(e) => return Ok(Err(format!(
+            "the restore job {job_id} completed but the restored VM {restored} cannot be read: {e}"
+        ))),
+    }
+    let marked = if context.replaces_existing() {
+        mark(
+            deps,
+            &context.vm_id,
+            &context.ticket_id,
+            format!("{DONE_PREFIX}{job_id}"),
+        )
+        .await
+    } else {
+        clear_mark(deps, &context.vm_id, &context.ticket_id).await
+    };
+    match marked {
+        Ok(()) => {}
+        Err(e) if e.is_transient() => return Err(transient("updating the ticket's marker", e)),
+        Err(e) => {
+            tracing::warn!(error = %e, ticket = %context.ticket_id, "could not update the ticket's marker")
+        }
+    }
+    Ok(Ok(RestoreCompleted {
+        ticket_id: context.ticket_id.clone(),
+        vm_id: context.vm_id.clone(),
+        restored_vm_id: restored,
+        ade_reinstalled: false,
+        callback_url: context.callback_url.clone(),
+    }))
 }
 
 /// Property bag keys of a RestoreDisks job (Get-AzRecoveryServicesBackupJobDetail, research-anchors A5).
