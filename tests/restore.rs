@@ -230,6 +230,25 @@ async fn back_up(h: &Harness, vm: &str) {
     .await;
 }
 
+/// Deliver `event` to `function` again (delivery count 2) and answer the messages it outputs.
+async fn redelivered(h: &Harness, function: &str, event: &Value) -> Vec<Value> {
+    let (status, answer) = h.invoke(function, event, 2).await;
+    assert_eq!(status, 200, "{function}: {answer}");
+    answer["Outputs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// No restore failed and no message was dead-lettered.
+fn assert_nothing_failed(h: &Harness) {
+    let failed = h.events_of("vmbackup.restore.failed");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(h.queue.dead_letter_count().unwrap(), 0);
+}
+
 struct Restored {
     completed: Value,
     encryption_info_blob: Option<String>,
@@ -488,12 +507,7 @@ async fn ade_and_cmk_vms_are_restored_end_to_end() {
         .extensions
         .iter()
         .all(|e| !e.0.starts_with("AzureDiskEncryption")));
-    assert!(
-        h.events_of("vmbackup.restore.failed").is_empty(),
-        "{:?}",
-        h.events_of("vmbackup.restore.failed")
-    );
-    assert_eq!(h.queue.dead_letter_count().unwrap(), 0);
+    assert_nothing_failed(&h);
     h.stop().await;
 }
 
@@ -556,16 +570,9 @@ async fn the_same_ticket_twice_makes_one_restore_job_and_one_vm() {
         ),
     ] {
         let first = one_event(&h, input, "INC-2001").await;
-        let (status, answer) = h.invoke(function, &first, 2).await;
-        assert_eq!(status, 200, "{function}: {answer}");
-        let outputs: Vec<Value> = answer["Outputs"]
-            .as_object()
-            .unwrap()
-            .values()
-            .flat_map(|v| v.as_array().cloned().unwrap_or_default())
-            .collect();
+        let outputs = redelivered(&h, function, &first).await;
         let original = one_event(&h, output_type, "INC-2001").await;
-        assert_eq!(outputs.len(), 1, "{function}: {answer}");
+        assert_eq!(outputs.len(), 1, "{function}: {outputs:?}");
         assert_eq!(outputs[0]["type"], output_type);
         assert_eq!(outputs[0]["id"], original["id"], "{function}");
     }
@@ -1045,25 +1052,13 @@ async fn non_ade_vms_are_restored_in_place_or_as_new_vms() {
         .iter()
         .max_by_key(|e| e["data"]["checks"].as_u64().unwrap_or(0))
         .unwrap();
-    let (status, answer) = h.invoke("track-job", last, 2).await;
-    assert_eq!(status, 200, "{answer}");
-    let outputs: Vec<Value> = answer["Outputs"]
-        .as_object()
-        .unwrap()
-        .values()
-        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
-        .collect();
+    let outputs = redelivered(&h, "track-job", last).await;
     let original = one_event(&h, "vmbackup.restore.completed", "MODE-3").await;
-    assert_eq!(outputs.len(), 1, "{answer}");
+    assert_eq!(outputs.len(), 1, "{outputs:?}");
     assert_eq!(outputs[0]["id"], original["id"]);
     assert_eq!(restore_jobs(&h, "vm-host"), 1);
 
-    assert!(
-        h.events_of("vmbackup.restore.failed").is_empty(),
-        "{:?}",
-        h.events_of("vmbackup.restore.failed")
-    );
-    assert_eq!(h.queue.dead_letter_count().unwrap(), 0);
+    assert_nothing_failed(&h);
     h.stop().await;
 }
 

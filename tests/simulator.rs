@@ -166,10 +166,15 @@ async fn protect_and_backup(arm: &Arm, clock: Clock) -> Value {
     assert_eq!(status, 200);
     assert_eq!(item["properties"]["protectionState"], "IRPending");
 
+    backup_job(arm, clock, &item_path()).await
+}
+
+/// An on-demand backup of a protected item, followed through its LRO to the job's end.
+async fn backup_job(arm: &Arm, clock: Clock, item: &str) -> Value {
     let (status, headers, _) = arm
         .call(
             reqwest::Method::POST,
-            &format!("{}/backup?{API}", item_path()),
+            &format!("{item}/backup?{API}"),
             Some(json!({ "properties": { "objectType": "IaasVMBackupRequest" } })),
         )
         .await;
@@ -576,21 +581,7 @@ fn item_of(rg: &str, vm: &str) -> String {
 
 /// Back up an already protected VM and answer the restore URL of its recovery point.
 async fn backup_for_restore(arm: &Arm, clock: Clock, item: &str) -> String {
-    let (status, headers, _) = arm
-        .call(
-            reqwest::Method::POST,
-            &format!("{item}/backup?{API}"),
-            Some(json!({ "properties": { "objectType": "IaasVMBackupRequest" } })),
-        )
-        .await;
-    assert_eq!(status, 202);
-    let op = poll(
-        arm,
-        clock,
-        headers["azure-asyncoperation"].to_str().unwrap(),
-    )
-    .await;
-    let job = wait_job(arm, clock, op["properties"]["jobId"].as_str().unwrap()).await;
+    let job = backup_job(arm, clock, item).await;
     assert_eq!(job["properties"]["status"], "Completed", "{job}");
     let (_, _, points) = arm
         .call(

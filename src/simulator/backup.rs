@@ -885,9 +885,8 @@ fn trigger_backup(
     } else {
         duration
     };
-    let job_id = uuid::Uuid::new_v4().to_string();
-    state.jobs.push(Job {
-        id: job_id.clone(),
+    let job = Job {
+        id: uuid::Uuid::new_v4().to_string(),
         vault_id: vault.id(),
         operation: JobOperation::Backup,
         vm_id: item.vm_id.clone(),
@@ -900,7 +899,16 @@ fn trigger_backup(
         user_triggered: true,
         property_bag: Default::default(),
         finalized: false,
-    });
+    };
+    let item_path = format!("/{}", req.segments[..req.segments.len() - 1].join("/"));
+    Ok(accept_job(state, req, job, &item_path))
+}
+
+/// Start `job` and answer its trigger as Azure Backup does: 202 with the item's operation-status
+/// and operation-result URLs, the operation naming the job once it succeeded.
+pub(super) fn accept_job(state: &mut SimState, req: &Request, job: Job, item_path: &str) -> Reply {
+    let job_id = job.id.clone();
+    state.jobs.push(job);
     let op = new_operation(
         state,
         req.now,
@@ -909,12 +917,11 @@ fn trigger_backup(
         None,
         OperationResult::NoContent,
     );
-    let item_path = format!("/{}", req.segments[..req.segments.len() - 1].join("/"));
-    Ok(lro_202(
+    lro_202(
         req,
         &format!("{item_path}/operationsStatus/{op}"),
         &format!("{item_path}/operationResults/{op}"),
-    ))
+    )
 }
 
 fn render_recovery_point(item: &ProtectedItem, rp: &RecoveryPoint) -> Value {

@@ -10,14 +10,14 @@
 //!
 //! Error codes marked "simulator's own" could not be confirmed from Azure's documentation or specs.
 
-use super::backup::{find_item, item_not_found, lro_202, new_operation};
+use super::backup::{accept_job, find_item, item_not_found};
 use super::blob::blob_key;
 use super::fleet::{AgentState, OsType, PowerState};
 use super::http::{rfc3339, Reply, Request};
 use super::network;
 use super::state::{
     later, parse_resource_id, resource_id, same, Blob, Disk, Job, JobFailure, JobOperation,
-    OperationResult, RecoveryPoint, RecoveryVault, RestoreKind, RestorePlan, SimState, Vm,
+    RecoveryPoint, RecoveryVault, RestoreKind, RestorePlan, SimState, Vm,
 };
 use axum::http::StatusCode;
 use serde_json::{json, Value};
@@ -191,16 +191,14 @@ pub(super) fn trigger_restore(
         }
         _ => (RestoreKind::Disks, target_rg),
     };
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let duration = state.simulation.restore_job_seconds;
-    state.jobs.push(Job {
-        id: job_id.clone(),
+    let job = Job {
+        id: uuid::Uuid::new_v4().to_string(),
         vault_id: vault.id(),
         operation: JobOperation::Restore,
         vm_id: item.vm_id.clone(),
         vm_name: item.vm_name.clone(),
         start: req.now,
-        end: later(req.now, duration),
+        end: later(req.now, state.simulation.restore_job_seconds),
         failure: None,
         restore: Some(RestorePlan {
             recovery_point_id: rp.id.clone(),
@@ -213,21 +211,9 @@ pub(super) fn trigger_restore(
         user_triggered: true,
         property_bag: Default::default(),
         finalized: false,
-    });
-    let op = new_operation(
-        state,
-        req.now,
-        10,
-        Some(job_id),
-        None,
-        OperationResult::NoContent,
-    );
+    };
     let item_path = format!("/{}", req.segments[..req.segments.len() - 3].join("/"));
-    Ok(lro_202(
-        req,
-        &format!("{item_path}/operationsStatus/{op}"),
-        &format!("{item_path}/operationResults/{op}"),
-    ))
+    Ok(accept_job(state, req, job, &item_path))
 }
 
 /// The checks of an `AlternateLocation` request: the new VM's id and name, the network.

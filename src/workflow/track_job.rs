@@ -417,9 +417,11 @@ async fn vm_restored(
     match deps.compute.get_vm(&restored.to_string(), false).await {
         Ok(_) => {}
         Err(e) if e.is_transient() => return Err(transient("cannot read the restored VM", e)),
-        Err(e) => return Ok(Err(format!(
+        Err(e) => {
+            return Ok(Err(format!(
             "the restore job {job_id} completed but the restored VM {restored} cannot be read: {e}"
-        ))),
+        )))
+        }
     }
     let marked = if context.replaces_existing() {
         mark(
