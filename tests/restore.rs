@@ -45,7 +45,8 @@ fn fleet() -> String {
             "diskEncryptionSets": [{ "name": "des-weu", "resourceGroup": "rg-sec", "location": "westeurope",
                                      "keyVault": "kv-cmk-weu", "key": "cmk-1" }],
             "storageAccounts": [{ "name": "stweustaging", "resourceGroup": "rg-backup", "location": "westeurope" },
-                                { "name": "stneustaging", "resourceGroup": "rg-backup", "location": "northeurope" }],
+                                { "name": "stneustaging", "resourceGroup": "rg-backup", "location": "northeurope" },
+                                { "name": "stneuspare", "resourceGroup": "rg-backup", "location": "northeurope" }],
             "virtualMachines": [
                 vm("vm-lin-kek", "linux", json!({ "kind": "ade", "keyVault": "kv-ade-weu", "secret": "bek-lin", "kek": "kek-1" }), protected.clone()),
                 vm("vm-win-bek", "windows", json!({ "kind": "ade", "keyVault": "kv-ade-weu", "secret": "bek-win" }), protected.clone()),
@@ -1146,5 +1147,54 @@ async fn one_request_sent_twice_at_once_starts_one_restore() {
         same_id.as_str(),
         "the CLI and a caller computing the id agree"
     );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_staging_account_is_the_configured_one_in_the_vaults_region() {
+    let neu = staging().replace("stweu", "stneu");
+    let spare = staging().replace("stweustaging", "stneuspare");
+    async fn start_with(accounts: Vec<String>) -> Harness {
+        let settings = HashMap::from([(
+            settings::STAGING_STORAGE_ACCOUNT.to_string(),
+            accounts.join(","),
+        )]);
+        Harness::start_with(&fleet(), Options { settings }).await
+    }
+    let cb = Callbacks::serve().await;
+
+    // Two accounts, the vault's region second: that one stages the restore.
+    let h = start_with(vec![neu.clone(), staging()]).await;
+    back_up(&h, "vm-plain").await;
+    restore_in_azure(
+        &h,
+        RestoreRequestFields {
+            mode: Some("replace-existing".into()),
+            ..request(&cb, "vm-plain", "STAGE-1")
+        },
+    )
+    .await;
+    let used: Vec<String> = h.sim.with_state(|s| {
+        s.jobs
+            .iter()
+            .filter_map(|j| j.restore.as_ref().map(|p| p.storage_account_id.clone()))
+            .collect()
+    });
+    assert_eq!(used.len(), 1);
+    assert!(used[0].eq_ignore_ascii_case(&staging()), "{used:?}");
+    h.stop().await;
+
+    // None in the vault's region: rejected before Azure is asked, naming the field.
+    let h = start_with(vec![neu, spare]).await;
+    back_up(&h, "vm-plain").await;
+    send_request(&h, request(&cb, "vm-plain", "STAGE-2"));
+    let rejected = one_event(&h, "vmbackup.restore.rejected", "STAGE-2").await;
+    assert_eq!(rejected["data"]["reason"], "InvalidRequest");
+    let message = rejected["data"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("stagingStorageAccount:") && message.contains("westeurope"),
+        "{message}"
+    );
+    assert_eq!(restore_jobs(&h, "vm-plain"), 0);
     h.stop().await;
 }

@@ -25,8 +25,9 @@ pub const DEFAULT_RETENTION_DAYS: &str = "VMBACKUP_DEFAULT_RETENTION_DAYS";
 pub const ALLOWED_SCOPES: &str = "VMBACKUP_ALLOWED_SCOPES";
 /// Optional URL that notify POSTs every rejection and failure to.
 pub const NOTIFY_WEBHOOK: &str = "VMBACKUP_NOTIFY_WEBHOOK";
-/// ARM id of the storage account restores stage through when a request names none (it must be in
-/// the vault's region and not zone-redundant).
+/// Comma-separated ARM ids of the storage accounts restores stage through when a request names none;
+/// a restore takes the one in its vault's region (Azure Backup stages there; none may be
+/// zone-redundant). A single account is used without looking at its region.
 pub const STAGING_STORAGE_ACCOUNT: &str = "VMBACKUP_STAGING_STORAGE_ACCOUNT";
 
 pub const DEFAULT_DISCOVERY_SCHEDULE: &str = "0 0 * * * *";
@@ -71,8 +72,8 @@ pub struct Settings {
     pub default_retention_days: u32,
     pub allowed_scopes: Vec<ResourceId>,
     pub notify_webhook: Option<url::Url>,
-    /// Default staging storage account of restores.
-    pub staging_storage_account: Option<ResourceId>,
+    /// Staging storage accounts of restores that name none (one per vault region).
+    pub staging_storage_accounts: Vec<ResourceId>,
     /// How long a running VM's agent is waited for before `VmAgentNotReady`.
     pub agent_recheck_delay: Duration,
 }
@@ -86,7 +87,7 @@ impl Default for Settings {
             default_retention_days: 30,
             allowed_scopes: Vec::new(),
             notify_webhook: None,
-            staging_storage_account: None,
+            staging_storage_accounts: Vec::new(),
             agent_recheck_delay: Duration::from_secs(300),
         }
     }
@@ -150,9 +151,10 @@ impl Settings {
                 })
             })
             .transpose()?;
-        let staging_storage_account = get(STAGING_STORAGE_ACCOUNT)
+        let staging_storage_accounts = list(get(STAGING_STORAGE_ACCOUNT))
+            .iter()
             .map(|text| {
-                ResourceId::parse(text.trim())
+                ResourceId::parse(text)
                     .map_err(|e| e.to_string())
                     .and_then(|id| {
                         id.expect_type(crate::domain::resource_id::types::STORAGE_ACCOUNT)
@@ -164,10 +166,10 @@ impl Settings {
                         message,
                     })
             })
-            .transpose()?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             subscriptions: list(get(SUBSCRIPTIONS)),
-            staging_storage_account,
+            staging_storage_accounts,
             backup_management_service_object_id: get(BACKUP_MANAGEMENT_SERVICE_OBJECT_ID),
             key_vault_role,
             default_retention_days,
@@ -222,6 +224,17 @@ mod tests {
         assert_eq!(settings.key_vault_role, KeyVaultRole::Administrator);
         assert_eq!(settings.default_retention_days, 14);
         assert_eq!(settings.effective_scopes().len(), 2);
+        let staging = Settings::from_lookup(lookup(&[(
+            STAGING_STORAGE_ACCOUNT,
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/stweu, /subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/stneu",
+        )]))
+        .unwrap();
+        let names: Vec<&str> = staging
+            .staging_storage_accounts
+            .iter()
+            .map(|id| id.name())
+            .collect();
+        assert_eq!(names, ["stweu", "stneu"]);
     }
 
     #[test]

@@ -383,6 +383,59 @@ pub(crate) async fn clear_mark(
         .map(|_| ())
 }
 
+/// The configured staging account for a vault in `vault_location`: the only one, or the one in that
+/// region (their regions read through Resource Graph).
+async fn configured_staging(
+    deps: &Deps,
+    vault_location: &str,
+) -> Result<Result<ResourceId, Rejection>, HandlerError> {
+    let setting = super::settings::STAGING_STORAGE_ACCOUNT;
+    let accounts = &deps.settings.staging_storage_accounts;
+    match accounts.as_slice() {
+        [] => {
+            return Ok(Err(Rejection::invalid_field(
+                "stagingStorageAccount",
+                format!("is required when the app setting {setting} is not set"),
+            )))
+        }
+        [only] => return Ok(Ok(only.clone())),
+        _ => {}
+    }
+    // Parsed ARM ids hold no quotes: nothing to escape in the literals.
+    let ids: Vec<String> = accounts.iter().map(|a| format!("'{a}'")).collect();
+    let query = format!(
+        "Resources | where type =~ 'microsoft.storage/storageaccounts' and id in~ ({}) | project id, location",
+        ids.join(", ")
+    );
+    let mut subscriptions: Vec<String> = accounts
+        .iter()
+        .map(|a| a.subscription_id().to_ascii_lowercase())
+        .collect();
+    subscriptions.sort();
+    subscriptions.dedup();
+    let rows = deps
+        .graph
+        .query(&query, &subscriptions)
+        .await
+        .map_err(|e| {
+            HandlerError::transient(format!("reading the staging accounts' regions: {e}"))
+        })?;
+    let in_region = rows.iter().find_map(|row| {
+        let location = row["location"].as_str()?;
+        if !location.eq_ignore_ascii_case(vault_location) {
+            return None;
+        }
+        let id = ResourceId::parse(row["id"].as_str()?).ok()?;
+        accounts.iter().find(|a| **a == id).cloned()
+    });
+    Ok(in_region.ok_or_else(|| {
+        Rejection::invalid_field(
+            "stagingStorageAccount",
+            format!("none of the staging accounts of {setting} is in the vault's region {vault_location}; name one in the request"),
+        )
+    }))
+}
+
 /// The subnet of a VM's primary NIC, `None` when the VM shows none.
 async fn source_subnet(deps: &Deps, vm: &VirtualMachine) -> Result<Option<String>, AzureError> {
     let Some(nic_id) = vm.primary_nic_id() else {
@@ -581,21 +634,12 @@ async fn start(
         }
         _ => None,
     };
-    let staging = match request
-        .staging_storage_account
-        .clone()
-        .or_else(|| deps.settings.staging_storage_account.clone())
-    {
+    let staging = match request.staging_storage_account.clone() {
         Some(account) => account,
-        None => {
-            return Ok(Started::Rejected(Rejection::invalid_field(
-                "stagingStorageAccount",
-                format!(
-                    "is required when the app setting {} is not set",
-                    super::settings::STAGING_STORAGE_ACCOUNT
-                ),
-            )))
-        }
+        None => match configured_staging(deps, &vault_location).await? {
+            Ok(account) => account,
+            Err(rejection) => return Ok(Started::Rejected(rejection)),
+        },
     };
     let restore = RestoreContext {
         ticket_id: request.ticket_id.clone(),
