@@ -113,23 +113,20 @@ pub(super) fn trigger_restore(
         // Simulator's own code: for ADE VMs Azure Backup offers only "Restore disks".
         return Err(Reply::bad_request("UserErrorRestoreTypeNotSupportedForEncryptedVm", &format!("Restore type '{recovery_type}' is not supported for VMs encrypted with Azure Disk Encryption; use RestoreDisks.")));
     }
+    // Restores that produce a VM name their source and region; RestoreDisks may omit them.
     let restores_vm = recovery_type != "RestoreDisks";
-    let source = if restores_vm {
-        Some(required("sourceResourceId", recovery_type)?)
-    } else {
-        text("sourceResourceId")
+    let vm_restore_field = |key: &str| match restores_vm {
+        true => required(key, recovery_type).map(Some),
+        false => Ok(text(key)),
     };
+    let source = vm_restore_field("sourceResourceId")?;
     if let Some(source) = source.filter(|s| !same(s, &item.vm_id)) {
         return Err(invalid(
             "sourceResourceId",
             &format!("'{source}' is not the VM of protected item {item_name}."),
         ));
     }
-    let region = if restores_vm {
-        Some(required("region", recovery_type)?)
-    } else {
-        text("region")
-    };
+    let region = vm_restore_field("region")?;
     if let Some(region) = region.filter(|r| !same(r, &vault.location)) {
         // Restores land in the vault's region; cross-region restore is not served.
         return Err(invalid(
