@@ -1059,6 +1059,27 @@ async fn non_ade_vms_are_restored_in_place_or_as_new_vms() {
     assert_eq!(outputs[0]["id"], original["id"]);
     assert_eq!(restore_jobs(&h, "vm-host"), 1);
 
+    // The VM deleted: nothing to replace; a new VM needs a subnet named (no NIC to read it from).
+    h.sim.with_state(|s| s.vms.retain(|v| v.name != "vm-plain"));
+    for (mode, ticket, field) in [
+        ("replace-existing", "MODE-4", "vmId:"),
+        ("alternate-location", "MODE-5", "targetSubnetId:"),
+    ] {
+        send_request(
+            &h,
+            RestoreRequestFields {
+                mode: Some(mode.into()),
+                ..request(&cb, "vm-plain", ticket)
+            },
+        );
+        let rejected = one_event(&h, "vmbackup.restore.rejected", ticket).await;
+        assert_eq!(rejected["data"]["reason"], "InvalidRequest");
+        let message = rejected["data"]["message"].as_str().unwrap();
+        assert!(message.starts_with(field), "{ticket}: {message}");
+    }
+    idle(&h).await;
+    assert_eq!(restore_jobs(&h, "vm-plain"), 1, "only MODE-1's");
+
     assert_nothing_failed(&h);
     h.stop().await;
 }
