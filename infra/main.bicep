@@ -181,8 +181,8 @@ module functionApp 'modules/functionapp.bicep' = {
     // The app acts only where it holds Virtual Machine Contributor; empty means the subscriptions.
     allowedScopes: join(resourceGroupIds, ',')
     notifyWebhook: notifyWebhook
-    // The first staging account is the default for restore requests that name none.
-    stagingStorageAccount: empty(stagingStorageAccountIds) ? '' : stagingStorageAccountIds[0]
+    // Restore requests that name no staging account take the one in their vault's region.
+    stagingStorageAccount: join(stagingStorageAccountIds, ',')
   }
 }
 

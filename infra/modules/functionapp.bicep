@@ -44,7 +44,7 @@ param keyVaultRole string
 param defaultRetentionDays string
 param allowedScopes string
 param notifyWebhook string
-@description('ARM id of the staging storage account restores use when a request names none.')
+@description('Comma-separated ARM ids of staging storage accounts; a restore that names none takes the one in its vault\'s region.')
 param stagingStorageAccount string
 
 var isFlex = hostingPlan == 'FlexConsumption'
