@@ -6,7 +6,8 @@
 //! days, each night's sweep adds 1,000 more backups, and the run never goes idle. The fleet has
 //! 1,000 tagged VMs across two regions with a timeline of on-demand backups for every VM; the run
 //! uses the checked-in function app (the real workflow once its functions are declared), so the
-//! numbers grow with it. Events/s counts every message the run enqueued (its journal).
+//! numbers grow with it. Events/s counts every message the run enqueued (its journal). The result
+//! also goes out as a `BENCH key=value` line for `scripts/bench`.
 
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -101,6 +102,17 @@ fn main() {
     println!(
         "local_run: {vms} VMs at {}x to idle in {:.2} s wall, {events} events, {:.0} events/s; \
          {protected} protected, {} backups completed, {} failed, {} dead-lettered, {} ARM requests",
+        (1.0 / time_scale).round(),
+        wall.as_secs_f64(),
+        events as f64 / wall.as_secs_f64(),
+        count("completed"),
+        count("failed"),
+        report["deadLettered"],
+        report["arm"]["requests"],
+    );
+    println!(
+        "BENCH local_vms={vms} local_speed={} local_seconds={:.2} local_events={events} local_events_per_second={:.0} \
+         local_protected={protected} local_backups_completed={} local_backups_failed={} local_dead_lettered={} local_arm_requests={}",
         (1.0 / time_scale).round(),
         wall.as_secs_f64(),
         events as f64 / wall.as_secs_f64(),
