@@ -429,6 +429,15 @@ pub struct SimState {
     /// Tags at subscription scope, keyed by lower-case subscription id.
     pub subscription_tags: BTreeMap<String, BTreeMap<String, String>>,
     next_recovery_point: u64,
+    /// Positions in `disks` by lower-case `subscription/group/name`: rendering a VM looks up its
+    /// disks, and a Resource Graph page renders every VM, so scans made 10,000-VM sweeps quadratic.
+    /// Every hit is checked against the disk it points at; a stale index is rebuilt (see `disk`).
+    #[serde(skip)]
+    disk_positions: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+fn disk_key(sub: &str, rg: &str, name: &str) -> String {
+    format!("{sub}/{rg}/{name}").to_ascii_lowercase()
 }
 
 /// ARM compares names and ids case-insensitively. Lookups put the name first: names differ
@@ -830,9 +839,27 @@ impl SimState {
         self.vms.iter().find(|v| same(&v.name, name))
     }
     pub fn disk(&self, sub: &str, rg: &str, name: &str) -> Option<&Disk> {
-        self.disks.iter().find(|d| {
+        let matches = |d: &&Disk| {
             same(&d.name, name) && same(&d.resource_group, rg) && same(&d.subscription, sub)
-        })
+        };
+        let key = disk_key(sub, rg, name);
+        let Ok(mut positions) = self.disk_positions.lock() else {
+            return self.disks.iter().find(matches);
+        };
+        if let Some(disk) = positions.get(&key).and_then(|&i| self.disks.get(i)).filter(matches) {
+            return Some(disk);
+        }
+        // A miss on an index built for another list, or a hit on a moved disk: rebuild, then the
+        // index is exact. A miss on an index of the same length may still hide a replaced disk
+        // (one removed, another added), so that case scans.
+        if positions.len() != self.disks.len() || positions.contains_key(&key) {
+            positions.clear();
+            for (i, d) in self.disks.iter().enumerate() {
+                positions.insert(disk_key(&d.subscription, &d.resource_group, &d.name), i);
+            }
+            return positions.get(&key).and_then(|&i| self.disks.get(i)).filter(matches);
+        }
+        self.disks.iter().find(matches)
     }
     pub fn disk_by_id(&self, id: &str) -> Option<&Disk> {
         self.disks.iter().find(|d| same(&d.id(), id))
@@ -1094,4 +1121,48 @@ pub fn ade_extension(
 
 pub fn later(now: DateTime<Utc>, seconds: u64) -> DateTime<Utc> {
     now + Duration::seconds(seconds.min(i64::MAX as u64) as i64)
+}
+
+#[cfg(test)]
+mod disk_index_tests {
+    use super::*;
+
+    fn disk(rg: &str, name: &str, size_gb: u32) -> Disk {
+        Disk {
+            subscription: "sub-1".into(),
+            resource_group: rg.into(),
+            name: name.into(),
+            location: "westeurope".into(),
+            size_gb,
+            os_type: None,
+            managed_by: None,
+            disk_encryption_set_id: None,
+            ade: None,
+            create_option: "Empty".into(),
+            created: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn disk_lookups_follow_pushes_removals_and_replacements() {
+        let mut state = SimState::default();
+        state.disks.push(disk("rg-a", "d1", 1));
+        state.disks.push(disk("rg-a", "d2", 2));
+        assert_eq!(state.disk("SUB-1", "RG-A", "D2").map(|d| d.size_gb), Some(2));
+        assert!(state.disk("sub-1", "rg-b", "d2").is_none());
+
+        state.disks.push(disk("rg-b", "d2", 3));
+        assert_eq!(state.disk("sub-1", "rg-b", "d2").map(|d| d.size_gb), Some(3));
+
+        // Removed: the index still points at a position that now holds another disk.
+        state.disks.retain(|d| d.name != "d1");
+        assert!(state.disk("sub-1", "rg-a", "d1").is_none());
+        assert_eq!(state.disk("sub-1", "rg-a", "d2").map(|d| d.size_gb), Some(2));
+
+        // One removed and another added: same length, a name the index has never seen.
+        state.disks.retain(|d| d.resource_group != "rg-b");
+        state.disks.push(disk("rg-c", "d9", 9));
+        assert_eq!(state.disk("sub-1", "rg-c", "d9").map(|d| d.size_gb), Some(9));
+        assert!(state.disk("sub-1", "rg-b", "d2").is_none());
+    }
 }
