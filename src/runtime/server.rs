@@ -1,6 +1,6 @@
 //! The app: named functions behind one axum router, served on `FUNCTIONS_CUSTOMHANDLER_PORT`.
 
-use super::decode::decode_payload;
+use super::decode::decode_payload_at_path;
 use super::invocation::{
     Context, EnvelopeError, HttpRequest, Invocation, InvocationRequest, ServiceBusMetadata,
     TimerInfo, TriggerMetadata,
@@ -164,9 +164,20 @@ macro_rules! message_payload {
     )*};
 }
 
-/// Decode a message body into `T`, naming the binding in the error.
+/// Decode a message body into `T`; the error's field is the binding and the path inside the body
+/// (`Data.message.data.vmId`).
 pub fn decode_message<T: DeserializeOwned>(value: Value, field: &str) -> Result<T, EnvelopeError> {
-    decode_payload(value).map_err(|reason| EnvelopeError::new(field, reason))
+    decode_payload_at_path(value)
+        .map_err(|e| EnvelopeError::new(join_path(field, &e.path), e.reason))
+}
+
+/// `field` extended by a serde path inside it (`Data.message` + `data.vmId`, or + `[0]`).
+pub(crate) fn join_path(field: &str, path: &str) -> String {
+    match path {
+        "" => field.to_string(),
+        _ if path.starts_with('[') => format!("{field}{path}"),
+        _ => format!("{field}.{path}"),
+    }
 }
 
 fn decode_invocation<T: TriggerPayload>(
