@@ -1,6 +1,6 @@
 //! The app: named functions behind one axum router, served on `FUNCTIONS_CUSTOMHANDLER_PORT`.
 
-use super::decode::decode_payload_at_path;
+use super::decode::{decode_payload_at_path, decode_value};
 use super::invocation::{
     Context, EnvelopeError, HttpRequest, Invocation, InvocationRequest, ServiceBusMetadata,
     TimerInfo, TriggerMetadata,
@@ -205,6 +205,17 @@ fn decode_invocation<T: TriggerPayload>(
     })
 }
 
+/// The invocation body: JSON first (an error names `body`), then its shape (an error names the
+/// member, e.g. `Metadata` when it is not an object).
+fn parse_envelope(body: &[u8]) -> Result<InvocationRequest, EnvelopeError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| EnvelopeError::new("body", e.to_string()))?;
+    decode_value(value).map_err(|e| {
+        let field = if e.path.is_empty() { "body" } else { &e.path };
+        EnvelopeError::new(field, e.reason)
+    })
+}
+
 fn error_response(
     status: StatusCode,
     error: &str,
@@ -232,13 +243,13 @@ async fn invoke(
             format!("no function named {function}"),
         );
     };
-    let request: InvocationRequest = match serde_json::from_slice(&body) {
+    let request = match parse_envelope(&body) {
         Ok(request) => request,
         Err(e) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "MalformedEnvelope",
-                Some("body"),
+                Some(&e.field),
                 format!("expected {{\"Data\":{{…}},\"Metadata\":{{…}}}}: {e}"),
             )
         }
@@ -382,6 +393,16 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelope_errors_name_the_member() {
+        // Regression (bad_input proptest): a non-object `Metadata` was reported against `body`.
+        let err = parse_envelope(br#"{"Data":{},"Metadata":"x"}"#).unwrap_err();
+        assert_eq!(err.field, "Metadata");
+        let err = parse_envelope(b"{\"Data\":").unwrap_err();
+        assert_eq!(err.field, "body");
+        assert!(parse_envelope(br#"{"Data":{"message":"\"hi\""}}"#).is_ok());
+    }
 
     #[test]
     fn port_variable_is_checked() {
