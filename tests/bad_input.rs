@@ -1191,24 +1191,17 @@ fn arbitrary_bodies_get_200_or_a_4xx() {
 // ---------------------------------------------------------------------------------------------
 // The fleet file and restore requests
 
-/// Whether `path` (`subscriptions[0].keyVaults[1].name`) is a place in `document`, or a missing
-/// member of a place in it.
+/// Whether `path` (`subscriptions[0].keyVaults[1].name`) is a place in `document`, or a member of
+/// one (a missing field). Compared as rendered text: keys may hold `.` and `[`.
 fn is_place_in(document: &Value, path: &str) -> bool {
-    let mut node = Some(document);
-    let mut parent_found = true;
-    for part in path.split('.') {
-        let (key, indices) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        parent_found = node.is_some();
-        node = node.and_then(|n| if key.is_empty() { Some(n) } else { n.get(key) });
-        for index in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
-            parent_found = node.is_some();
-            node = node.and_then(|n| n.get(index.parse::<usize>().ok()?));
-        }
-    }
-    node.is_some() || parent_found
+    let mut places = Vec::new();
+    all_paths(document, &mut Vec::new(), &mut places);
+    places.iter().map(|p| render(p)).any(|place| {
+        place == path
+            || path
+                .strip_prefix(place.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 /// A fleet error's field is the document, a place in it, or an unknown member it names.
@@ -1343,4 +1336,90 @@ fn restore_requests_validate_or_name_the_field() {
         }
         Ok(())
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real functions, against the simulator
+
+/// An Event Grid `ResourceWriteSuccess` for a VM, as it arrives on `vm-events`.
+fn vm_write_event() -> impl Strategy<Value = Value> {
+    (guid(), vm(), timestamp()).prop_map(|(id, vm_id, time)| {
+        json!({
+            "id": id, "eventType": "Microsoft.Resources.ResourceWriteSuccess", "subject": vm_id.to_string(),
+            "eventTime": time, "dataVersion": "2",
+            "data": {"resourceUri": vm_id.to_string(), "operationName": "Microsoft.Compute/virtualMachines/write", "status": "Succeeded"},
+        })
+    })
+}
+
+/// Functions left out of the real-app property, and why:
+/// - recreate-vm and reinstall-ade send requests to the blob URLs an event carries; for a URL off the
+///   simulator (`https://x.example/…`) they answer 500 and redeliver forever — reported to the lead
+///   as a workflow bug (the URLs should be checked against the restore's storage account first);
+/// - notify retries a dead ticket callback with backoff (by design, then completes), seconds per case.
+const NOT_FUZZED_AGAINST_THE_SIMULATOR: [&str; 3] = ["recreate-vm", "reinstall-ade", "notify"];
+
+/// A valid invocation body for each function of `app`, by its trigger (and queue).
+fn valid_invocation_of(app: &FunctionApp) -> impl Strategy<Value = (String, Value)> {
+    let arms: Vec<BoxedStrategy<(String, Value)>> = app
+        .specs()
+        .filter(|spec| !NOT_FUZZED_AGAINST_THE_SIMULATOR.contains(&spec.name.as_str()))
+        .map(|spec| {
+            let name = spec.name.clone();
+            let body: BoxedStrategy<Value> = match &spec.trigger {
+                Trigger::Timer { .. } => timer_invocation().boxed(),
+                Trigger::Http { .. } => http_invocation().boxed(),
+                Trigger::ServiceBus { queue, .. } if queue == queues::VM_EVENTS => {
+                    (vm_write_event(), encoding(), service_bus_metadata(1))
+                        .prop_map(|(event, encoding, metadata)| {
+                            json!({"Data": {"message": encode(event, encoding)}, "Metadata": metadata})
+                        })
+                        .boxed()
+                }
+                Trigger::ServiceBus { queue, .. } => {
+                    let on_queue: Vec<&str> = catalog()
+                        .iter()
+                        .filter(|e| e.queue == queue)
+                        .map(|e| e.event_type)
+                        .collect();
+                    let events: Vec<BoxedStrategy<Value>> = event_strategies()
+                        .into_iter()
+                        .filter(|(t, _)| on_queue.contains(t))
+                        .map(|(_, strategy)| strategy)
+                        .collect();
+                    assert!(!events.is_empty(), "no event travels on {queue}");
+                    (proptest::strategy::Union::new(events), encoding(), service_bus_metadata(1))
+                        .prop_map(|(event, encoding, metadata)| {
+                            json!({"Data": {"message": encode(event, encoding)}, "Metadata": metadata})
+                        })
+                        .boxed()
+                }
+            };
+            body.prop_map(move |body| (name.clone(), body)).boxed()
+        })
+        .collect();
+    proptest::strategy::Union::new(arms)
+}
+
+#[test]
+fn the_real_functions_answer_malformed_invocations_with_200_or_a_4xx() {
+    let rt = runtime();
+    let harness = rt.block_on(support::Harness::start(
+        vmbackup::local::session::DEMO_FLEET,
+    ));
+    let app = vmbackup::workflow::app(harness.deps.clone());
+    let valid = valid_invocation_of(&app);
+    let router = app.router();
+    let input = (valid, any::<bool>(), any::<Index>(), mutation());
+    check(64, input, |((function, body), mutate_it, at, mutation)| {
+        let bytes = if mutate_it {
+            mutate(&body, &at, &mutation).0
+        } else {
+            body.to_string().into_bytes()
+        };
+        let (status, answer) = rt.block_on(post(&router, &function, bytes));
+        answered_without_fault(status, &answer)
+            .map_err(|e| TestCaseError::fail(format!("{function}: {e}")))
+    });
+    rt.block_on(harness.stop());
 }
