@@ -5,12 +5,15 @@
 //! Case counts are sized for CI (debug build, well under a minute); run more with e.g.
 //! `PROPTEST_CASES=2000 cargo test --release --test bad_input`.
 
+#[path = "bad_input/echo_app.rs"]
+mod echo_app;
 mod support;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use chrono::{DateTime, Timelike, Utc};
+use echo_app::echo_app;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use proptest::strategy::BoxedStrategy;
@@ -23,10 +26,7 @@ use vmbackup::domain::resource_id::types;
 use vmbackup::domain::restore::{validate_request, RestoreRequestFields};
 use vmbackup::domain::{ReasonCode, ResourceId};
 use vmbackup::events::*;
-use vmbackup::runtime::{
-    AuthLevel, EnvelopeError, FunctionApp, FunctionSpec, HttpRequest, Invocation, Outputs,
-    TimerInfo, Trigger, TriggerPayload,
-};
+use vmbackup::runtime::{EnvelopeError, FunctionApp, Trigger, TriggerPayload};
 use vmbackup::simulator::fleet::Fleet;
 
 // ---------------------------------------------------------------------------------------------
@@ -951,64 +951,6 @@ fn http_invocation() -> impl Strategy<Value = Value> {
             "Metadata": {},
         })
     })
-}
-
-/// Functions that answer what the runtime decoded: one per event type (named by it), a timer and
-/// an HTTP function.
-fn echo_app() -> FunctionApp {
-    fn echo<T: EventData + Send + 'static>(app: FunctionApp) -> FunctionApp {
-        app.function(
-            FunctionSpec::new(T::TYPE, Trigger::service_bus(T::QUEUE)),
-            |invocation: Invocation<CloudEvent<T>>| async move {
-                let metadata = invocation
-                    .metadata
-                    .service_bus()
-                    .cloned()
-                    .unwrap_or_default();
-                let mut outputs = Outputs::new();
-                outputs.set_return_value(json!({
-                    "event": serde_json::to_value(&invocation.data).unwrap(),
-                    "deliveryCount": metadata.delivery_count,
-                }));
-                Ok(outputs)
-            },
-        )
-    }
-    let app = FunctionApp::new()
-        .function(
-            FunctionSpec::new("timer", Trigger::timer("0 0 * * * *")),
-            |invocation: Invocation<TimerInfo>| async move {
-                let mut outputs = Outputs::new();
-                outputs.set_return_value(json!({"isPastDue": invocation.data.is_past_due}));
-                Ok(outputs)
-            },
-        )
-        .function(
-            FunctionSpec::new("http", Trigger::http(AuthLevel::Function, &["post"])),
-            |invocation: Invocation<HttpRequest>| async move {
-                let mut outputs = Outputs::new();
-                outputs.set_return_value(json!({"body": invocation.data.body}));
-                Ok(outputs)
-            },
-        );
-    let app = echo::<ProtectionRequested>(app);
-    let app = echo::<EncryptionEnabled>(app);
-    let app = echo::<KeyVaultAccessNeeded>(app);
-    let app = echo::<KeyVaultAccessGranted>(app);
-    let app = echo::<ProtectionReady>(app);
-    let app = echo::<ProtectionEnabled>(app);
-    let app = echo::<ProtectionRejected>(app);
-    let app = echo::<BackupRequested>(app);
-    let app = echo::<JobStarted>(app);
-    let app = echo::<BackupCompleted>(app);
-    let app = echo::<BackupFailed>(app);
-    let app = echo::<BackupRejected>(app);
-    let app = echo::<RestoreRequested>(app);
-    let app = echo::<RestoreDisksRestored>(app);
-    let app = echo::<RestoreVmRecreated>(app);
-    let app = echo::<RestoreCompleted>(app);
-    let app = echo::<RestoreRejected>(app);
-    echo::<RestoreFailed>(app)
 }
 
 /// POST `body` to `/{function}` on `router`, as the host does; the status and the JSON answer.
