@@ -19,8 +19,12 @@ impl<T: EventData> TriggerPayload for CloudEvent<T> {
         CloudEvent::<T>::check_envelope(&envelope)
             .map_err(|e| EnvelopeError::new(field, e.to_string()))?;
         let (envelope, data) = envelope.replace_data(());
-        let data: T = serde_json::from_value(data)
-            .map_err(|e| EnvelopeError::new(format!("{field}.data"), e.to_string()))?;
+        let data: T = crate::runtime::decode_value(data).map_err(|e| {
+            EnvelopeError::new(
+                crate::runtime::join_path(&format!("{field}.data"), &e.path),
+                e.reason,
+            )
+        })?;
         Ok(envelope.replace_data(data).0)
     }
 }

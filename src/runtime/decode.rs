@@ -25,16 +25,52 @@ pub fn unwrap_json_strings(mut value: Value) -> Value {
     value
 }
 
+/// A payload that did not decode: where in it, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PayloadError {
+    /// The JSON path of the offending field inside the payload (`data.vmId`, `needs[0]`), empty when
+    /// the payload as a whole is wrong.
+    pub path: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+/// Deserialize `value` as `T`, keeping the path of the field that failed: serde_json's own error
+/// names a missing field but not the field holding a value of the wrong type.
+pub(crate) fn decode_value<T: DeserializeOwned>(value: Value) -> Result<T, PayloadError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        PayloadError {
+            path: if path == "." { String::new() } else { path },
+            reason: e.into_inner().to_string(),
+        }
+    })
+}
+
 /// Decode a trigger payload into `T`, accepting the plain and the double-encoded forms.
-/// The error says what was wrong, with serde's field name.
-pub fn decode_payload<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+pub(crate) fn decode_payload_at_path<T: DeserializeOwned>(value: Value) -> Result<T, PayloadError> {
     // A payload that is itself a string type must not be peeled into a number or object.
     if let Ok(direct) = serde_json::from_value::<T>(value.clone()) {
         if !value.is_string() {
             return Ok(direct);
         }
     }
-    serde_json::from_value::<T>(unwrap_json_strings(value)).map_err(|e| e.to_string())
+    decode_value(unwrap_json_strings(value))
+}
+
+/// Decode a trigger payload into `T`, accepting the plain and the double-encoded forms.
+/// The error names the path of the offending field (`data.vmId: invalid type: …`).
+pub fn decode_payload<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+    decode_payload_at_path(value).map_err(|e| e.to_string())
 }
 
 /// A metadata string: the host may send `"abc"` or `"\"abc\""`.
@@ -126,6 +162,16 @@ mod tests {
     fn payload_error_names_the_field() {
         let err = decode_payload::<Order>(json!({"order": 7})).unwrap_err();
         assert!(err.contains("orderId"), "{err}");
+    }
+
+    #[test]
+    fn payload_error_names_a_wrongly_typed_field_and_its_path() {
+        // Regression (bad_input proptest): serde_json named no field for a value of the wrong type.
+        let err = decode_payload::<Order>(json!({"orderId": [1]})).unwrap_err();
+        assert!(err.starts_with("orderId: invalid type"), "{err}");
+        let err = decode_payload_at_path::<Vec<Order>>(json!([{"orderId": 1}, {"orderId": "x"}]))
+            .unwrap_err();
+        assert_eq!(err.path, "[1].orderId");
     }
 
     #[test]

@@ -124,24 +124,31 @@ impl EnvelopeError {
     }
 }
 
+// `at` is the JSON path of the map the key is read from (`Metadata`, `Metadata.sys`), so an error
+// names the field where it is.
 fn optional_string(
     metadata: &Map<String, Value>,
+    at: &str,
     key: &str,
 ) -> Result<Option<String>, EnvelopeError> {
     match metadata.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => metadata_string(value)
             .map(Some)
-            .ok_or_else(|| EnvelopeError::new(format!("Metadata.{key}"), "expected a string")),
+            .ok_or_else(|| EnvelopeError::new(format!("{at}.{key}"), "expected a string")),
     }
 }
 
-fn optional_u64(metadata: &Map<String, Value>, key: &str) -> Result<Option<u64>, EnvelopeError> {
+fn optional_u64(
+    metadata: &Map<String, Value>,
+    at: &str,
+    key: &str,
+) -> Result<Option<u64>, EnvelopeError> {
     match metadata.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => metadata_u64(value).map(Some).ok_or_else(|| {
             EnvelopeError::new(
-                format!("Metadata.{key}"),
+                format!("{at}.{key}"),
                 format!("expected a whole number, got {value}"),
             )
         }),
@@ -150,6 +157,7 @@ fn optional_u64(metadata: &Map<String, Value>, key: &str) -> Result<Option<u64>,
 
 fn optional_time(
     metadata: &Map<String, Value>,
+    at: &str,
     key: &str,
 ) -> Result<Option<DateTime<Utc>>, EnvelopeError> {
     match metadata.get(key) {
@@ -159,7 +167,7 @@ fn optional_time(
             // .NET's "never" (year 1) is a valid absence, anything unparseable is an error.
             None if metadata_string(value).is_some_and(|t| t.starts_with("0001")) => Ok(None),
             None => Err(EnvelopeError::new(
-                format!("Metadata.{key}"),
+                format!("{at}.{key}"),
                 format!("expected a timestamp, got {value}"),
             )),
         },
@@ -180,16 +188,16 @@ impl ServiceBusMetadata {
             None => object(metadata.get("UserProperties")),
         };
         Ok(ServiceBusMetadata {
-            message_id: optional_string(metadata, "MessageId")?,
-            delivery_count: optional_u64(metadata, "DeliveryCount")?.unwrap_or(1),
-            enqueued_time_utc: optional_time(metadata, "EnqueuedTimeUtc")?,
-            correlation_id: optional_string(metadata, "CorrelationId")?,
-            subject: match optional_string(metadata, "Subject")? {
+            message_id: optional_string(metadata, "Metadata", "MessageId")?,
+            delivery_count: optional_u64(metadata, "Metadata", "DeliveryCount")?.unwrap_or(1),
+            enqueued_time_utc: optional_time(metadata, "Metadata", "EnqueuedTimeUtc")?,
+            correlation_id: optional_string(metadata, "Metadata", "CorrelationId")?,
+            subject: match optional_string(metadata, "Metadata", "Subject")? {
                 Some(subject) => Some(subject),
-                None => optional_string(metadata, "Label")?,
+                None => optional_string(metadata, "Metadata", "Label")?,
             },
-            content_type: optional_string(metadata, "ContentType")?,
-            sequence_number: optional_u64(metadata, "SequenceNumber")?,
+            content_type: optional_string(metadata, "Metadata", "ContentType")?,
+            sequence_number: optional_u64(metadata, "Metadata", "SequenceNumber")?,
             application_properties,
         })
     }
@@ -204,9 +212,13 @@ impl TimerInfo {
         let schedule_status = match map.get("ScheduleStatus") {
             None | Some(Value::Null) => None,
             Some(Value::Object(status)) => Some(ScheduleStatus {
-                last: optional_time(status, "Last")?,
-                next: optional_time(status, "Next")?,
-                last_updated: optional_time(status, "LastUpdated")?,
+                last: optional_time(status, &format!("{field}.ScheduleStatus"), "Last")?,
+                next: optional_time(status, &format!("{field}.ScheduleStatus"), "Next")?,
+                last_updated: optional_time(
+                    status,
+                    &format!("{field}.ScheduleStatus"),
+                    "LastUpdated",
+                )?,
             }),
             Some(_) => {
                 return Err(EnvelopeError::new(
@@ -285,15 +297,20 @@ impl Context {
             Some(value) => {
                 let retry = object(Some(value));
                 Some(RetryContext {
-                    retry_count: optional_u64(&retry, "RetryCount")?.unwrap_or(0),
-                    max_retry_count: optional_u64(&retry, "MaxRetryCount")?,
+                    retry_count: optional_u64(&retry, "Metadata.RetryContext", "RetryCount")?
+                        .unwrap_or(0),
+                    max_retry_count: optional_u64(
+                        &retry,
+                        "Metadata.RetryContext",
+                        "MaxRetryCount",
+                    )?,
                 })
             }
         };
         Ok(Context {
             function_name: function_name.to_string(),
             invocation_id: invocation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            host_utc_now: optional_time(&sys, "UtcNow")?,
+            host_utc_now: optional_time(&sys, "Metadata.sys", "UtcNow")?,
             retry,
         })
     }
@@ -330,6 +347,21 @@ mod tests {
         let metadata = json!({"DeliveryCount": "many"});
         let err = ServiceBusMetadata::from_metadata(metadata.as_object().unwrap()).unwrap_err();
         assert_eq!(err.field, "Metadata.DeliveryCount");
+    }
+
+    #[test]
+    fn nested_metadata_errors_name_the_whole_path() {
+        // Regression (bad_input proptest): these were named `Metadata.UtcNow`, `Metadata.RetryCount`
+        // and `Metadata.Next`, fields that do not exist.
+        let metadata = json!({"sys": {"UtcNow": "soon"}});
+        let err = Context::from_metadata("f", None, metadata.as_object().unwrap()).unwrap_err();
+        assert_eq!(err.field, "Metadata.sys.UtcNow");
+        let metadata = json!({"RetryContext": {"RetryCount": "x"}});
+        let err = Context::from_metadata("f", None, metadata.as_object().unwrap()).unwrap_err();
+        assert_eq!(err.field, "Metadata.RetryContext.RetryCount");
+        let err = TimerInfo::from_value(json!({"ScheduleStatus": {"Next": 5}}), "Data.timer")
+            .unwrap_err();
+        assert_eq!(err.field, "Data.timer.ScheduleStatus.Next");
     }
 
     #[test]

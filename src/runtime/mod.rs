@@ -14,6 +14,7 @@ mod response;
 mod server;
 mod spec;
 
+pub(crate) use decode::decode_value;
 pub use decode::{decode_payload, parse_timestamp, unwrap_json_strings};
 pub use invocation::{
     Context, EnvelopeError, HttpRequest, Invocation, InvocationRequest, RetryContext,
@@ -21,6 +22,7 @@ pub use invocation::{
 };
 pub use logs::{capture, init as init_logging, InvocationLogLayer, LogBuffer};
 pub use response::{HandlerError, OutputError, Outputs};
+pub(crate) use server::join_path;
 pub use server::{
     decode_message, listen_addr_from, serve, serve_with_shutdown, shutdown_signal, FunctionApp,
     ServeError, TriggerPayload, INVOCATION_ID_HEADER, PORT_VARIABLE,

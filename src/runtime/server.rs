@@ -1,6 +1,6 @@
 //! The app: named functions behind one axum router, served on `FUNCTIONS_CUSTOMHANDLER_PORT`.
 
-use super::decode::decode_payload;
+use super::decode::{decode_payload_at_path, decode_value};
 use super::invocation::{
     Context, EnvelopeError, HttpRequest, Invocation, InvocationRequest, ServiceBusMetadata,
     TimerInfo, TriggerMetadata,
@@ -164,9 +164,20 @@ macro_rules! message_payload {
     )*};
 }
 
-/// Decode a message body into `T`, naming the binding in the error.
+/// Decode a message body into `T`; the error's field is the binding and the path inside the body
+/// (`Data.message.data.vmId`).
 pub fn decode_message<T: DeserializeOwned>(value: Value, field: &str) -> Result<T, EnvelopeError> {
-    decode_payload(value).map_err(|reason| EnvelopeError::new(field, reason))
+    decode_payload_at_path(value)
+        .map_err(|e| EnvelopeError::new(join_path(field, &e.path), e.reason))
+}
+
+/// `field` extended by a serde path inside it (`Data.message` + `data.vmId`, or + `[0]`).
+pub(crate) fn join_path(field: &str, path: &str) -> String {
+    match path {
+        "" => field.to_string(),
+        _ if path.starts_with('[') => format!("{field}{path}"),
+        _ => format!("{field}.{path}"),
+    }
 }
 
 fn decode_invocation<T: TriggerPayload>(
@@ -191,6 +202,17 @@ fn decode_invocation<T: TriggerPayload>(
         data: T::from_trigger(value, &field)?,
         metadata,
         context,
+    })
+}
+
+/// The invocation body: JSON first (an error names `body`), then its shape (an error names the
+/// member, e.g. `Metadata` when it is not an object).
+fn parse_envelope(body: &[u8]) -> Result<InvocationRequest, EnvelopeError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| EnvelopeError::new("body", e.to_string()))?;
+    decode_value(value).map_err(|e| {
+        let field = if e.path.is_empty() { "body" } else { &e.path };
+        EnvelopeError::new(field, e.reason)
     })
 }
 
@@ -221,13 +243,13 @@ async fn invoke(
             format!("no function named {function}"),
         );
     };
-    let request: InvocationRequest = match serde_json::from_slice(&body) {
+    let request = match parse_envelope(&body) {
         Ok(request) => request,
         Err(e) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "MalformedEnvelope",
-                Some("body"),
+                Some(&e.field),
                 format!("expected {{\"Data\":{{…}},\"Metadata\":{{…}}}}: {e}"),
             )
         }
@@ -371,6 +393,16 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelope_errors_name_the_member() {
+        // Regression (bad_input proptest): a non-object `Metadata` was reported against `body`.
+        let err = parse_envelope(br#"{"Data":{},"Metadata":"x"}"#).unwrap_err();
+        assert_eq!(err.field, "Metadata");
+        let err = parse_envelope(b"{\"Data\":").unwrap_err();
+        assert_eq!(err.field, "body");
+        assert!(parse_envelope(br#"{"Data":{"message":"\"hi\""}}"#).is_ok());
+    }
 
     #[test]
     fn port_variable_is_checked() {
