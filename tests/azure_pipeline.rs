@@ -630,10 +630,23 @@ async fn key_vault_data_plane_at_the_vaults_own_uri() {
         })
     })
     .await;
-    let kv = KeyVaultClient::new(client(
+    // A Key Vault token goes only to a Key Vault endpoint, or to the ARM endpoint's own origin (a
+    // local run): with ARM elsewhere, this loopback "vault" gets no request at all.
+    let elsewhere = KeyVaultClient::new(client(
         &Url::parse("http://127.0.0.1:9/").unwrap(),
         timer.clone(),
     ));
+    let refused = elsewhere
+        .get_secret_properties(server.base.as_str(), "bek", Some("1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, AzureError::InvalidInput { .. }),
+        "{refused:?}"
+    );
+    assert!(server.requests().is_empty());
+
+    let kv = KeyVaultClient::new(client(&server.base, timer.clone()));
     let vault_uri = server.base.as_str();
     let secret = kv
         .get_secret_properties(vault_uri, "bek", Some("1"))

@@ -71,6 +71,47 @@ impl ApiRequest {
     }
 }
 
+/// DNS suffixes of Key Vault and Blob endpoints in Azure's clouds (public, China, US Government).
+const KEY_VAULT_DNS_SUFFIXES: [&str; 4] = [
+    ".vault.azure.net",
+    ".vault.azure.cn",
+    ".vault.usgovcloudapi.net",
+    ".managedhsm.azure.net",
+];
+const BLOB_DNS_SUFFIXES: [&str; 3] = [
+    ".blob.core.windows.net",
+    ".blob.core.chinacloudapi.cn",
+    ".blob.core.usgovcloudapi.net",
+];
+
+/// Key Vault and blob URLs arrive in events and job results, so a token for them goes only to a
+/// real endpoint of that service over https, or to the configured ARM endpoint's own origin (a
+/// local run, where the simulator serves every service). Anything else would hand the app's token
+/// to whoever wrote the URL.
+fn check_destination(request: &ApiRequest, arm_endpoint: &Url) -> Result<(), AzureError> {
+    let (service, suffixes): (&str, &[&str]) = match request.audience {
+        Audience::Arm => return Ok(()),
+        Audience::KeyVault => ("Key Vault", &KEY_VAULT_DNS_SUFFIXES),
+        Audience::Storage => ("Blob storage", &BLOB_DNS_SUFFIXES),
+    };
+    let url = &request.url;
+    if url.origin() == arm_endpoint.origin() {
+        return Ok(());
+    }
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    if url.scheme() == "https" && suffixes.iter().any(|suffix| host.ends_with(suffix)) {
+        return Ok(());
+    }
+    Err(AzureError::InvalidInput {
+        field: "url".into(),
+        message: format!(
+            "{} is not a {service} endpoint (https on {}); no token is sent there",
+            display_url(url),
+            suffixes.join(", ")
+        ),
+    })
+}
+
 /// A successful (2xx) response.
 #[derive(Debug, Clone)]
 pub struct ApiResponse {
@@ -288,6 +329,7 @@ impl ArmClient {
 
     /// Sends with throttling and retries; `Ok` only for 2xx.
     pub async fn send(&self, request: ApiRequest) -> Result<ApiResponse, AzureError> {
+        check_destination(&request, &self.inner.config.arm_endpoint)?;
         let span = tracing::info_span!(
             "azure_request",
             method = %request.method,
@@ -739,5 +781,84 @@ mod tests {
         assert_eq!(terminal("Canceled"), Some(false));
         assert_eq!(terminal("InProgress"), None);
         assert_eq!(terminal("Updating"), None);
+    }
+
+    #[test]
+    fn data_plane_tokens_go_only_to_that_service_or_the_configured_arm_origin() {
+        let arm = Url::parse("https://management.azure.com").unwrap();
+        let simulator = Url::parse("http://127.0.0.1:7000").unwrap();
+        let request = |audience, url: &str| {
+            ApiRequest::data_plane(Method::GET, Url::parse(url).unwrap(), audience)
+        };
+        let allowed = [
+            (
+                Audience::KeyVault,
+                "https://kv-app.vault.azure.net/secrets/bek/1",
+                &arm,
+            ),
+            (
+                Audience::Storage,
+                "https://stgweu.blob.core.windows.net/c/b.json?sig=x",
+                &arm,
+            ),
+            (
+                Audience::Storage,
+                "https://st.blob.core.chinacloudapi.cn/c/b",
+                &arm,
+            ),
+            (
+                Audience::Storage,
+                "http://127.0.0.1:7000/blob/st/c/b",
+                &simulator,
+            ),
+            (
+                Audience::KeyVault,
+                "http://127.0.0.1:7000/keyvault/kv/keys/k",
+                &simulator,
+            ),
+            (Audience::Arm, "https://elsewhere.example/anything", &arm),
+        ];
+        for (audience, url, endpoint) in allowed {
+            assert!(
+                check_destination(&request(audience, url), endpoint).is_ok(),
+                "{url}"
+            );
+        }
+        let refused = [
+            (
+                Audience::Storage,
+                "https://attacker.example/c/b.json?sig=secret",
+                &arm,
+            ),
+            (
+                Audience::Storage,
+                "http://stgweu.blob.core.windows.net/c/b",
+                &arm,
+            ),
+            (
+                Audience::Storage,
+                "https://blob.core.windows.net.attacker.example/c/b",
+                &arm,
+            ),
+            (
+                Audience::KeyVault,
+                "https://kv.blob.core.windows.net/keys/k",
+                &arm,
+            ),
+            (
+                Audience::KeyVault,
+                "http://127.0.0.1:7001/keyvault/kv/keys/k",
+                &simulator,
+            ),
+        ];
+        for (audience, url, endpoint) in refused {
+            let error = check_destination(&request(audience, url), endpoint).unwrap_err();
+            let text = error.to_string();
+            assert!(text.contains("no token is sent there"), "{url}: {text}");
+            assert!(
+                !text.contains("secret"),
+                "the query (a SAS) is not repeated: {text}"
+            );
+        }
     }
 }

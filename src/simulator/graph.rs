@@ -32,7 +32,7 @@ fn invalid_query(detail: &str) -> Reply {
     )
 }
 
-fn query(state: &SimState, req: &Request) -> Reply {
+fn query(state: &mut SimState, req: &Request) -> Reply {
     let body = match req.json_body() {
         Ok(b) => b,
         Err(e) => return e,
@@ -57,20 +57,50 @@ fn query(state: &SimState, req: &Request) -> Reply {
     if !(1..=1000).contains(&top) {
         return Reply::bad_request("BadRequest", "options.$top must be between 1 and 1000.");
     }
-    let skip = match body.pointer("/options/$skipToken").and_then(Value::as_str) {
+    let (skip, snapshot) = match body.pointer("/options/$skipToken").and_then(Value::as_str) {
         Some(token) => match decode_skip_token(token) {
-            Some(n) => n,
+            Some(position) => position,
             None => return Reply::bad_request("BadRequest", "options.$skipToken is invalid."),
         },
-        None => body
-            .pointer("/options/$skip")
-            .and_then(Value::as_u64)
-            .unwrap_or(0) as usize,
+        None => (
+            body.pointer("/options/$skip")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize,
+            None,
+        ),
     };
     let pipeline = match parse(text) {
         Ok(p) => p,
         Err(e) => return invalid_query(&e),
     };
+    // A continuation reads the result set its first page computed (as Resource Graph pages one
+    // result, and rendering every row again per page made 10,000-VM sweeps slow); a token whose
+    // snapshot is gone is answered by running the query again.
+    let query_key = format!("{}\n{}", subscriptions.join(",").to_ascii_lowercase(), text);
+    let rows = match snapshot.and_then(|id| state.graph_snapshots.get(id, &query_key)) {
+        Some(rows) => rows,
+        None => std::sync::Arc::new(run_pipeline(state, &pipeline, &subscriptions)),
+    };
+    let total = rows.len();
+    let end = skip.saturating_add(top as usize);
+    let page: Vec<Value> = rows.iter().skip(skip).take(top as usize).cloned().collect();
+    let mut response = json!({
+        "totalRecords": total, "count": page.len(), "resultTruncated": "false", "facets": [], "data": page
+    });
+    if end < total {
+        let id = match snapshot.filter(|id| state.graph_snapshots.get(*id, &query_key).is_some()) {
+            Some(id) => id,
+            None => state.graph_snapshots.insert(query_key, rows),
+        };
+        response["$skipToken"] = json!(encode_skip_token(end, id));
+    } else if let Some(id) = snapshot {
+        state.graph_snapshots.remove(id);
+    }
+    Reply::ok(response)
+}
+
+/// The rows of a query: the table, the subscriptions asked for, then each operator in order.
+fn run_pipeline(state: &SimState, pipeline: &Pipeline, subscriptions: &[String]) -> Vec<Value> {
     let mut rows: Vec<Value> = match pipeline.table {
         Table::Resources => resources_rows(state),
         Table::RecoveryServicesResources => recovery_rows(state),
@@ -120,27 +150,53 @@ fn query(state: &SimState, req: &Request) -> Reply {
             Operator::Limit(n) => rows.truncate(*n),
         }
     }
-    let total = rows.len();
-    let page: Vec<Value> = rows.into_iter().skip(skip).take(top as usize).collect();
-    let mut response = json!({
-        "totalRecords": total, "count": page.len(), "resultTruncated": "false", "facets": [], "data": page
-    });
-    if skip + (top as usize) < total {
-        response["$skipToken"] = json!(encode_skip_token(skip + top as usize));
+    rows
+}
+
+/// Result sets of queries whose later pages have not been read yet, newest last; a few at most.
+#[derive(Debug, Default)]
+pub struct GraphSnapshots {
+    next_id: u64,
+    entries: std::collections::VecDeque<(u64, String, std::sync::Arc<Vec<Value>>)>,
+}
+
+impl GraphSnapshots {
+    const KEPT: usize = 8;
+
+    fn get(&self, id: u64, query_key: &str) -> Option<std::sync::Arc<Vec<Value>>> {
+        self.entries
+            .iter()
+            .find(|(entry, key, _)| *entry == id && key == query_key)
+            .map(|(_, _, rows)| rows.clone())
     }
-    Reply::ok(response)
+
+    fn insert(&mut self, query_key: String, rows: std::sync::Arc<Vec<Value>>) -> u64 {
+        self.next_id += 1;
+        if self.entries.len() == Self::KEPT {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((self.next_id, query_key, rows));
+        self.next_id
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.entries.retain(|(entry, _, _)| *entry != id);
+    }
 }
 
-fn encode_skip_token(offset: usize) -> String {
-    base64::engine::general_purpose::STANDARD.encode(format!("{{\"$skip\":{offset}}}"))
+fn encode_skip_token(offset: usize, snapshot: u64) -> String {
+    base64::engine::general_purpose::STANDARD
+        .encode(format!("{{\"$skip\":{offset},\"snapshot\":{snapshot}}}"))
 }
 
-fn decode_skip_token(token: &str) -> Option<usize> {
+/// The offset, and the snapshot the token continues when it names one.
+fn decode_skip_token(token: &str) -> Option<(usize, Option<u64>)> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(token)
         .ok()?;
     let value: Value = serde_json::from_slice(&bytes).ok()?;
-    value.get("$skip")?.as_u64().map(|n| n as usize)
+    let offset = value.get("$skip")?.as_u64()? as usize;
+    Some((offset, value.get("snapshot").and_then(Value::as_u64)))
 }
 
 #[allow(clippy::too_many_arguments)] // one argument per column of a Resource Graph row
@@ -656,7 +712,10 @@ mod tests {
 
     #[test]
     fn skip_tokens_round_trip() {
-        assert_eq!(decode_skip_token(&encode_skip_token(1000)), Some(1000));
+        assert_eq!(
+            decode_skip_token(&encode_skip_token(1000, 7)),
+            Some((1000, Some(7)))
+        );
         assert_eq!(decode_skip_token("garbage"), None);
     }
 }

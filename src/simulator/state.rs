@@ -434,6 +434,9 @@ pub struct SimState {
     /// Every hit is checked against the disk it points at; a stale index is rebuilt (see `disk`).
     #[serde(skip)]
     disk_positions: std::sync::Mutex<HashMap<String, usize>>,
+    /// Result sets of Resource Graph queries whose later pages are still to be read.
+    #[serde(skip)]
+    pub graph_snapshots: super::graph::GraphSnapshots,
 }
 
 fn disk_key(sub: &str, rg: &str, name: &str) -> String {
@@ -846,7 +849,11 @@ impl SimState {
         let Ok(mut positions) = self.disk_positions.lock() else {
             return self.disks.iter().find(matches);
         };
-        if let Some(disk) = positions.get(&key).and_then(|&i| self.disks.get(i)).filter(matches) {
+        if let Some(disk) = positions
+            .get(&key)
+            .and_then(|&i| self.disks.get(i))
+            .filter(matches)
+        {
             return Some(disk);
         }
         // A miss on an index built for another list, or a hit on a moved disk: rebuild, then the
@@ -857,7 +864,10 @@ impl SimState {
             for (i, d) in self.disks.iter().enumerate() {
                 positions.insert(disk_key(&d.subscription, &d.resource_group, &d.name), i);
             }
-            return positions.get(&key).and_then(|&i| self.disks.get(i)).filter(matches);
+            return positions
+                .get(&key)
+                .and_then(|&i| self.disks.get(i))
+                .filter(matches);
         }
         self.disks.iter().find(matches)
     }
@@ -1148,21 +1158,33 @@ mod disk_index_tests {
         let mut state = SimState::default();
         state.disks.push(disk("rg-a", "d1", 1));
         state.disks.push(disk("rg-a", "d2", 2));
-        assert_eq!(state.disk("SUB-1", "RG-A", "D2").map(|d| d.size_gb), Some(2));
+        assert_eq!(
+            state.disk("SUB-1", "RG-A", "D2").map(|d| d.size_gb),
+            Some(2)
+        );
         assert!(state.disk("sub-1", "rg-b", "d2").is_none());
 
         state.disks.push(disk("rg-b", "d2", 3));
-        assert_eq!(state.disk("sub-1", "rg-b", "d2").map(|d| d.size_gb), Some(3));
+        assert_eq!(
+            state.disk("sub-1", "rg-b", "d2").map(|d| d.size_gb),
+            Some(3)
+        );
 
         // Removed: the index still points at a position that now holds another disk.
         state.disks.retain(|d| d.name != "d1");
         assert!(state.disk("sub-1", "rg-a", "d1").is_none());
-        assert_eq!(state.disk("sub-1", "rg-a", "d2").map(|d| d.size_gb), Some(2));
+        assert_eq!(
+            state.disk("sub-1", "rg-a", "d2").map(|d| d.size_gb),
+            Some(2)
+        );
 
         // One removed and another added: same length, a name the index has never seen.
         state.disks.retain(|d| d.resource_group != "rg-b");
         state.disks.push(disk("rg-c", "d9", 9));
-        assert_eq!(state.disk("sub-1", "rg-c", "d9").map(|d| d.size_gb), Some(9));
+        assert_eq!(
+            state.disk("sub-1", "rg-c", "d9").map(|d| d.size_gb),
+            Some(9)
+        );
         assert!(state.disk("sub-1", "rg-b", "d2").is_none());
     }
 }
