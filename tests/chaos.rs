@@ -1002,3 +1002,123 @@ async fn chaos_run_loses_nothing_and_starts_nothing_twice() {
     );
 }
 
+/// Regression (found by the chaos run): a start-restore attempt that started the Azure restore job
+/// and died before handing it to track-job (killed, or its Service Bus send failed) left the ticket
+/// hanging: the redelivery found the ticket's job on the VM's tag and sent nothing. It must hand
+/// the job over again, and start no second job.
+#[tokio::test]
+async fn a_restore_started_by_a_dead_attempt_is_tracked_by_the_redelivery() {
+    let sub = SUBSCRIPTIONS[0];
+    let vm = PlannedVm {
+        name: "vm-one".into(),
+        subscription: 0,
+        region: 0,
+        kind: Kind::Pmk,
+        linux: true,
+        protected_at_start: true,
+    };
+    let fleet = json!({
+        "subscriptions": [{
+            "id": sub,
+            "recoveryVaults": [{ "name": "rsv-weu", "resourceGroup": "rg-backup", "location": "westeurope" }],
+            "storageAccounts": [{ "name": "stweustaging0", "resourceGroup": "rg-backup", "location": "westeurope" }],
+            "virtualMachines": [vm.spec()]
+        }],
+        "simulation": { "timeScale": 0.001, "backupJobSeconds": 60, "restoreJobSeconds": 120 }
+    });
+    let h = Harness::start(&fleet.to_string()).await;
+    let vault = format!("/subscriptions/{sub}/resourceGroups/rg-backup/providers/Microsoft.RecoveryServices/vaults/rsv-weu");
+    let item = vmbackup::azure::backup::ProtectedItemRef::for_vm(&vault, &vm.id()).unwrap();
+    h.deps.backup.trigger_backup(&item, None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !has_recovery_point(&h, &vm.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "the backup made no recovery point"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The dying attempt: the same workflow whose Service Bus is unreachable, so it starts the job
+    // and fails to send job.started.
+    let mut config =
+        vmbackup::azure::AzureConfig::for_endpoint(h.sim.arm_endpoint().parse().unwrap());
+    config.service_bus = Some(vmbackup::azure::config::ServiceBusConfig {
+        namespace: support::NAMESPACE.to_string(),
+        sas: Some(vmbackup::azure::config::SasKey {
+            policy_name: support::SAS_KEY_NAME.to_string(),
+            key: h.sas_key.clone(),
+        }),
+        endpoint_override: Some("http://127.0.0.1:9/".parse().unwrap()),
+    });
+    let settings = HashMap::from([(settings::SUBSCRIPTIONS.to_string(), sub.to_string())]);
+    let deps = vmbackup::workflow::Deps::with_tokens(
+        vmbackup::workflow::Settings::from_lookup(|name| settings.get(name).cloned()).unwrap(),
+        h.clock,
+        config,
+        Arc::new(support::SimulatorTokens::for_simulator(&h.sim)),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dying = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(vmbackup::runtime::serve_with_shutdown(
+        listener,
+        vmbackup::workflow::app(Arc::new(deps)),
+        std::future::pending::<()>(),
+    ));
+    let fields = RestoreRequestFields {
+        ticket_id: Some("INC-DIED".into()),
+        vm_id: Some(vm.id()),
+        staging_storage_account: Some(vm.staging_account()),
+        ..Default::default()
+    };
+    let event = CloudEvent::start(fields, Some(vm.id()), h.clock.now()).with_ticket("INC-DIED");
+    let payload = json!({
+        "Data": { "message": serde_json::to_string(&serde_json::to_string(&event).unwrap()).unwrap() },
+        "Metadata": { "DeliveryCount": "1", "MessageId": format!("\"{}\"", event.id), "sys": {} }
+    });
+    let answer = reqwest::Client::new()
+        .post(format!("{dying}/start-restore"))
+        .json(&payload)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 500, "the hand-over failed");
+    let restore_jobs = || {
+        h.sim.with_state(|s| {
+            s.jobs
+                .iter()
+                .filter(|j| matches!(j.operation, JobOperation::Restore))
+                .count()
+        })
+    };
+    assert_eq!(restore_jobs(), 1, "the dying attempt started the job");
+
+    // The redelivery, through the host and the real chain.
+    h.send(&event);
+    assert!(
+        h.wait_idle(Duration::from_secs(60)).await,
+        "the workflow came to rest"
+    );
+    // Distinct events (notify forwards an outcome without a callback to `notifications`).
+    let for_ticket = |kind: &str| {
+        h.events_of(kind)
+            .into_iter()
+            .filter(|e| e["ticketid"] == "INC-DIED")
+            .map(|e| e["id"].to_string())
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    assert_eq!(
+        for_ticket("vmbackup.job.started"),
+        1,
+        "the job is handed over"
+    );
+    assert_eq!(
+        for_ticket("vmbackup.restore.completed"),
+        1,
+        "the restore completes"
+    );
+    assert_eq!(restore_jobs(), 1, "no second restore job");
+    h.stop().await;
+}
