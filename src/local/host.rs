@@ -472,6 +472,31 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// After the handler at `base` refused a connection: waits until a restarted handler is published,
+/// or `base` answers again, or the host stops (bounded by [`DEFAULT_STARTUP_TIMEOUT`]).
+async fn await_handler(shared: &Shared, base: &str) {
+    let deadline = Instant::now() + DEFAULT_STARTUP_TIMEOUT;
+    while Instant::now() < deadline && !*shared.stop_intake.borrow() {
+        let current = shared.handler_url.borrow().clone();
+        match current {
+            Some(url) if url != base => return,
+            Some(_) => {
+                let probe = shared
+                    .http
+                    .get(format!("{base}/"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if probe.is_ok() {
+                    return;
+                }
+            }
+            None => {}
+        }
+        tokio::time::sleep(READINESS_POLL).await;
+    }
+}
+
 /// Polls `GET {base}/` every 25 ms; any HTTP response means ready.
 async fn poll_ready(http: &reqwest::Client, base: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -810,6 +835,23 @@ struct HandlerResponse {
     return_value: Value,
 }
 
+/// Why an invocation failed.
+#[derive(Debug)]
+struct InvokeError {
+    reason: String,
+    /// No connection: the handler is down (killed, restarting), not failing.
+    refused: bool,
+}
+
+impl From<String> for InvokeError {
+    fn from(reason: String) -> Self {
+        InvokeError {
+            reason,
+            refused: false,
+        }
+    }
+}
+
 /// POSTs one invocation; any non-2xx, unreadable body or connection failure is an error.
 async fn invoke(
     shared: &Shared,
@@ -817,7 +859,7 @@ async fn invoke(
     function: &str,
     invocation_id: &str,
     payload: &Value,
-) -> Result<HandlerResponse, String> {
+) -> Result<HandlerResponse, InvokeError> {
     let mut request = shared
         .http
         .post(format!("{base}/{function}"))
@@ -828,10 +870,10 @@ async fn invoke(
     if let Some(timeout) = shared.invocation_timeout {
         request = request.timeout(timeout);
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach the handler: {e}"))?;
+    let response = request.send().await.map_err(|e| InvokeError {
+        reason: format!("cannot reach the handler: {e}"),
+        refused: e.is_connect(),
+    })?;
     let status = response.status();
     let body = response
         .bytes()
@@ -839,7 +881,9 @@ async fn invoke(
         .map_err(|e| format!("cannot read the handler's answer: {e}"))?;
     if !status.is_success() {
         let excerpt: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-        return Err(format!("handler answered {status}: {excerpt}"));
+        return Err(InvokeError::from(format!(
+            "handler answered {status}: {excerpt}"
+        )));
     }
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(HandlerResponse::default());
@@ -847,14 +891,18 @@ async fn invoke(
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| format!("handler answered {status} with a body that is not JSON: {e}"))?;
     let Value::Object(mut object) = value else {
-        return Err(format!(
+        return Err(InvokeError::from(format!(
             "handler answered {status} with JSON that is not an object"
-        ));
+        )));
     };
     let outputs = match object.remove("Outputs") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(outputs)) => outputs,
-        Some(_) => return Err("handler answer: Outputs is not an object".to_string()),
+        Some(_) => {
+            return Err("handler answer: Outputs is not an object"
+                .to_string()
+                .into())
+        }
     };
     let logs = match object.remove("Logs") {
         Some(Value::Array(lines)) => lines
@@ -979,6 +1027,11 @@ async fn invoke_for_message(
         shared.clock.now(),
     );
     let result = invoke(shared, base, &function.name, &invocation_id, &payload).await;
+    if result.as_ref().is_err_and(|e| e.refused) {
+        // Hold the message (and its lock) until the handler is back: abandoned at once, it would
+        // be received again by another dispatcher, refused again, and burn its deliveries.
+        await_handler(shared, base).await;
+    }
     renewal.abort();
     let (outcome, messages_out) = match result {
         Ok(response) => {
@@ -1012,7 +1065,7 @@ async fn invoke_for_message(
                 ),
             }
         }
-        Err(reason) => {
+        Err(InvokeError { reason, .. }) => {
             tracing::warn!(function = %function.name, message_id = %message.message_id, %reason, "invocation failed");
             if let Err(e) = shared.queue.abandon(queue_name, &message.lock_token) {
                 tracing::warn!(error = %e, "cannot abandon; the lock will expire");
@@ -1105,7 +1158,7 @@ async fn fire_timer(shared: &Arc<Shared>, function: &FunctionDef, scheduled_for:
                     ),
                 }
             }
-            Err(reason) => (Outcome::Failed { reason }, 0),
+            Err(InvokeError { reason, .. }) => (Outcome::Failed { reason }, 0),
         };
     shared.emit(HostEvent::InvocationFinished {
         function: function.name.clone(),
@@ -1302,7 +1355,7 @@ async fn front_door(
                 ),
             }
         }
-        Err(reason) => (
+        Err(InvokeError { reason, .. }) => (
             (StatusCode::INTERNAL_SERVER_ERROR, "the function failed").into_response(),
             Outcome::Failed { reason },
             0,
@@ -1511,6 +1564,76 @@ mod tests {
             None,
             "no process of ours behind a URL"
         );
+        host.stop().await;
+        let _ = std::fs::remove_dir_all(root);
+        let _ = std::fs::remove_dir_all(state);
+    }
+
+    /// Serves `Echo` on `listener` until `stop` fires; records each delivery's `DeliveryCount`.
+    fn serve_echo(
+        listener: tokio::net::TcpListener,
+        seen: Arc<Mutex<Vec<String>>>,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()> {
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ready" }))
+            .route(
+                "/Echo",
+                axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                    let seen = seen.clone();
+                    async move {
+                        let count = body["Metadata"]["DeliveryCount"].as_str().unwrap_or("?");
+                        seen.lock().unwrap().push(count.to_string());
+                        axum::Json(json!({ "Outputs": {} }))
+                    }
+                }),
+            );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.await;
+                })
+                .await;
+        })
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_refuses_connections_does_not_burn_deliveries() {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let server = serve_echo(listener, seen.clone(), stopped);
+        let (app, root) = echo_app("unused");
+        let (queue, state) = open_queue();
+        let mut config = HostConfig::new(app, queue.clone());
+        config.target = HandlerTarget::Url(format!("http://{addr}"));
+        let host = Host::start(config).await.unwrap();
+
+        // The handler goes down (as between a kill and the host noticing it); a message arrives.
+        let _ = stop.send(());
+        server.await.unwrap();
+        queue.send("in", &OutgoingMessage::new("{}")).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            queue.dead_letter_count().unwrap(),
+            0,
+            "deliveries burnt while it was down"
+        );
+
+        // Back on the same address: the message is handled after at most a couple of deliveries.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (_keep, never) = oneshot::channel();
+        serve_echo(listener, seen.clone(), never);
+        eventually("the message is handled", || {
+            !seen.lock().unwrap().is_empty() && host.is_idle().unwrap_or(false)
+        })
+        .await;
+        let counts = seen.lock().unwrap().clone();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        let count: u32 = counts[0].trim_matches('"').parse().unwrap();
+        assert!(count <= 2, "delivery count {count}");
+        assert_eq!(queue.dead_letter_count().unwrap(), 0);
         host.stop().await;
         let _ = std::fs::remove_dir_all(root);
         let _ = std::fs::remove_dir_all(state);
