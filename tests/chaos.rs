@@ -13,6 +13,9 @@
 //! ticket answered on its callback, completed or rejected with the expected reason; the
 //! dead-letter queues hold exactly the malformed messages this test put there.
 //!
+//! The sweeps are fired with the killer held (a killed timer invocation is not retried, as in
+//! Azure, and the run needs its sweeps); everything else is killed at random.
+//!
 //! `cargo test --test chaos -- --nocapture` prints a summary. The long mode runs more VMs, longer
 //! chaos and more kills: `VMBACKUP_CHAOS=long cargo test --release --test chaos -- --nocapture`;
 //! `VMBACKUP_CHAOS_SEED=N` replays another seed (the estate, faults, duplicates and kill intervals
