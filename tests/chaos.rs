@@ -35,7 +35,7 @@ use support::{Harness, Options, RealHandler};
 use vmbackup::domain::restore::RestoreRequestFields;
 use vmbackup::events::{queues, CloudEvent};
 use vmbackup::local::host::{DuplicateDelivery, HostEvent, Outcome};
-use vmbackup::local::queue::OutgoingMessage;
+use vmbackup::local::queue::{OutgoingMessage, QueueOptions};
 use vmbackup::simulator::state::JobOperation;
 use vmbackup::workflow::settings;
 
@@ -630,6 +630,14 @@ async fn chaos_run_loses_nothing_and_starts_nothing_twice() {
     )
     .await;
     let host = h.host.as_ref().unwrap();
+    // Locks are simulated time: infra's 1-minute locks are 1.2 s of wall time here, which a CPU
+    // shared with other builds can starve renewals past, adding lock-loss redeliveries on top of
+    // the ones this run injects. 5 minutes (6 s of wall time) keeps the redeliveries the chaos's own.
+    for name in queues::ALL {
+        let mut options = QueueOptions::as_in_infra(name);
+        options.lock_duration = options.lock_duration.max(Duration::from_secs(300));
+        h.queue.create_queue(name, &options).unwrap();
+    }
 
     let counts = Arc::new(HostCounts::default());
     let mut host_events = host.subscribe();
