@@ -1057,8 +1057,8 @@ async fn chaos_run_loses_nothing_and_starts_nothing_twice() {
 /// and died before handing it to track-job (killed, or its Service Bus send failed) left the ticket
 /// hanging: the redelivery found the ticket's job on the VM's tag and sent nothing. It must hand
 /// the job over again, and start no second job.
-#[tokio::test]
-async fn a_restore_started_by_a_dead_attempt_is_tracked_by_the_redelivery() {
+/// A harness with one protected PMK VM that has a recovery point.
+async fn backed_up_vm(time_scale: f64) -> (Harness, PlannedVm) {
     let sub = SUBSCRIPTIONS[0];
     let vm = PlannedVm {
         name: "vm-one".into(),
@@ -1075,7 +1075,7 @@ async fn a_restore_started_by_a_dead_attempt_is_tracked_by_the_redelivery() {
             "storageAccounts": [{ "name": "stweustaging0", "resourceGroup": "rg-backup", "location": "westeurope" }],
             "virtualMachines": [vm.spec()]
         }],
-        "simulation": { "timeScale": 0.001, "backupJobSeconds": 60, "restoreJobSeconds": 120 }
+        "simulation": { "timeScale": time_scale, "backupJobSeconds": 60, "restoreJobSeconds": 120 }
     });
     let h = Harness::start(&fleet.to_string()).await;
     let vault = format!("/subscriptions/{sub}/resourceGroups/rg-backup/providers/Microsoft.RecoveryServices/vaults/rsv-weu");
@@ -1089,6 +1089,13 @@ async fn a_restore_started_by_a_dead_attempt_is_tracked_by_the_redelivery() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (h, vm)
+}
+
+#[tokio::test]
+async fn a_restore_started_by_a_dead_attempt_is_tracked_by_the_redelivery() {
+    let sub = SUBSCRIPTIONS[0];
+    let (h, vm) = backed_up_vm(0.001).await;
 
     // The dying attempt: the same workflow whose Service Bus is unreachable, so it starts the job
     // and fails to send job.started.
@@ -1171,5 +1178,80 @@ async fn a_restore_started_by_a_dead_attempt_is_tracked_by_the_redelivery() {
         "the restore completes"
     );
     assert_eq!(restore_jobs(), 1, "no second restore job");
+    h.stop().await;
+}
+
+/// Regression (found by the long chaos run): recreate-vm killed while its deployment ran left the
+/// deployment running; every redelivery answered "still running, retry" at once and the message
+/// was dead-lettered within the minute the deployment takes. A redelivery must follow the running
+/// deployment to its end and carry on.
+#[tokio::test]
+async fn recreate_vm_follows_a_deployment_an_earlier_delivery_started() {
+    let sub = SUBSCRIPTIONS[0];
+    // 100x: a simulated deployment runs 0.6 s of wall time, long enough to catch it running.
+    let (h, vm) = backed_up_vm(0.01).await;
+    let fields = RestoreRequestFields {
+        ticket_id: Some("INC-DEPLOY".into()),
+        vm_id: Some(vm.id()),
+        staging_storage_account: Some(vm.staging_account()),
+        ..Default::default()
+    };
+    h.send(&CloudEvent::start(fields, Some(vm.id()), h.clock.now()).with_ticket("INC-DEPLOY"));
+    assert!(
+        h.wait_idle(Duration::from_secs(60)).await,
+        "the restore came to rest"
+    );
+    let disks_restored = h
+        .events_of("vmbackup.restore.disks-restored")
+        .into_iter()
+        .next()
+        .expect("the restore job completed");
+    let restore = &disks_restored["data"]["restore"];
+    let deployment = restore["deploymentName"].as_str().unwrap().to_string();
+
+    // An earlier delivery's deployment, running when the copy of its message arrives.
+    let template = h
+        .deps
+        .blob
+        .read_json(disks_restored["data"]["templateBlobUri"].as_str().unwrap())
+        .await
+        .unwrap();
+    let deps = h.deps.clone();
+    let name = deployment.clone();
+    let parameters = json!({ "VirtualMachineName": { "value": restore["restoredVmName"] } });
+    let earlier = tokio::spawn(async move {
+        deps.deployments
+            .deploy(
+                sub,
+                "rg-app",
+                &name,
+                &vmbackup::azure::deployments::TemplateSource::Inline(template),
+                parameters,
+            )
+            .await
+    });
+    let running = || {
+        h.sim.with_state(|s| {
+            s.deployments
+                .iter()
+                .any(|d| d.name == deployment && h.clock.now() < d.end)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running() {
+        assert!(
+            Instant::now() < deadline,
+            "the earlier deployment never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, answer) = h.invoke("recreate-vm", &disks_restored, 2).await;
+    assert_eq!(status, 200, "the copy waits for the deployment: {answer}");
+    assert!(
+        answer.to_string().contains("vmbackup.restore.vm-recreated"),
+        "and carries on: {answer}"
+    );
+    assert!(!running(), "the deployment had ended");
+    earlier.await.unwrap().unwrap();
     h.stop().await;
 }
