@@ -15,15 +15,17 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::{broadcast, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 /// The Functions host release whose custom-handler protocol this host reproduces.
@@ -73,6 +75,42 @@ pub struct HostConfig {
     /// Accepted for `function` and `admin` levels.
     pub master_key: Option<String>,
     pub startup_timeout: Duration,
+    /// Chaos: deliver some messages twice (off when `None`; see [`DuplicateDelivery`]).
+    pub duplicate_delivery: Option<DuplicateDelivery>,
+}
+
+/// A chaos option: this share of the Service Bus messages that an invocation handled successfully
+/// is delivered once more, with the same `MessageId` and `DeliveryCount` + 1, after the outputs were
+/// sent — what Service Bus does when a message's lock is lost after the handler ran. Each message is
+/// drawn once (so at most one extra delivery), from a generator seeded with `seed`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DuplicateDelivery {
+    /// Between 0 and 1.
+    pub rate: f64,
+    pub seed: u64,
+}
+
+/// Draws which messages get delivered twice.
+struct DuplicateDraw {
+    rate: f64,
+    rng: StdRng,
+    /// Sequence numbers of the messages already drawn for.
+    drawn: HashSet<i64>,
+}
+
+impl DuplicateDraw {
+    fn new(option: DuplicateDelivery) -> Self {
+        DuplicateDraw {
+            rate: option.rate.clamp(0.0, 1.0),
+            rng: StdRng::seed_from_u64(option.seed),
+            drawn: HashSet::new(),
+        }
+    }
+
+    /// Whether to deliver this message again; true at most once per message.
+    fn deliver_again(&mut self, sequence_number: i64) -> bool {
+        self.drawn.insert(sequence_number) && self.rng.gen_bool(self.rate)
+    }
 }
 
 impl HostConfig {
@@ -88,6 +126,7 @@ impl HostConfig {
             function_keys: Vec::new(),
             master_key: None,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            duplicate_delivery: None,
         }
     }
 }
@@ -179,6 +218,7 @@ struct Shared {
     stop_intake: watch::Receiver<bool>,
     function_keys: Vec<String>,
     master_key: Option<String>,
+    duplicate_draw: Option<Mutex<DuplicateDraw>>,
 }
 
 impl Shared {
@@ -195,7 +235,11 @@ pub struct Host {
     stop_intake: watch::Sender<bool>,
     stop_handler: watch::Sender<bool>,
     http_addr: Option<SocketAddr>,
+    kill_requests: mpsc::UnboundedSender<KillRequest>,
 }
+
+/// A request to the supervisor to kill the handler child; answered with the killed process id.
+type KillRequest = oneshot::Sender<Option<u32>>;
 
 /// Counts an invocation as in flight for as long as it lives.
 struct InFlight(Arc<Shared>);
@@ -245,7 +289,11 @@ impl Host {
             function_keys: config.function_keys.clone(),
             master_key: config.master_key.clone(),
             app: config.app.clone(),
+            duplicate_draw: config
+                .duplicate_delivery
+                .map(|option| Mutex::new(DuplicateDraw::new(option))),
         });
+        let (kill_requests, kill_rx) = mpsc::unbounded_channel();
 
         let intake_tasks = vec![tokio::spawn(forward_queue_events(shared.clone()))];
         let supervisor = tokio::spawn(supervise(
@@ -255,6 +303,7 @@ impl Host {
             config.startup_timeout,
             url_tx,
             stop_handler_rx,
+            kill_rx,
         ));
         let mut host = Host {
             shared: shared.clone(),
@@ -263,6 +312,7 @@ impl Host {
             stop_intake,
             stop_handler,
             http_addr: None,
+            kill_requests,
         };
 
         if wait_ready(&shared, config.startup_timeout).await.is_none() {
@@ -323,6 +373,15 @@ impl Host {
     /// The handler's current base URL, `None` while it (re)starts.
     pub fn handler_url(&self) -> Option<String> {
         self.shared.handler_url.borrow().clone()
+    }
+
+    /// Kills the handler child process with SIGKILL, as a crash would, once it is running (the
+    /// supervisor then restarts it, as after any exit). Returns the killed process id; `None` when
+    /// the host started no process (a [`HandlerTarget::Url`]) or is stopping.
+    pub async fn kill_handler(&self) -> Option<u32> {
+        let (reply, killed) = oneshot::channel();
+        self.kill_requests.send(reply).ok()?;
+        killed.await.ok().flatten()
     }
 
     /// Invocations running now (queue, timer and HTTP).
@@ -413,6 +472,31 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// After the handler at `base` refused a connection: waits until a restarted handler is published,
+/// or `base` answers again, or the host stops (bounded by [`DEFAULT_STARTUP_TIMEOUT`]).
+async fn await_handler(shared: &Shared, base: &str) {
+    let deadline = Instant::now() + DEFAULT_STARTUP_TIMEOUT;
+    while Instant::now() < deadline && !*shared.stop_intake.borrow() {
+        let current = shared.handler_url.borrow().clone();
+        match current {
+            Some(url) if url != base => return,
+            Some(_) => {
+                let probe = shared
+                    .http
+                    .get(format!("{base}/"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if probe.is_ok() {
+                    return;
+                }
+            }
+            None => {}
+        }
+        tokio::time::sleep(READINESS_POLL).await;
+    }
+}
+
 /// Polls `GET {base}/` every 25 ms; any HTTP response means ready.
 async fn poll_ready(http: &reqwest::Client, base: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -438,9 +522,12 @@ async fn supervise(
     startup_timeout: Duration,
     url_tx: watch::Sender<Option<String>>,
     mut stop: watch::Receiver<bool>,
+    mut kill_requests: mpsc::UnboundedReceiver<KillRequest>,
 ) {
     let (executable, arguments, working_directory) = match target {
         HandlerTarget::Url(base) => {
+            // No process of ours to kill: kill requests are refused by dropping them.
+            drop(kill_requests);
             let base = base.trim_end_matches('/').to_string();
             tokio::select! {
                 ready = poll_ready(&shared.http, &base, startup_timeout) => {
@@ -526,9 +613,16 @@ async fn supervise(
                 reason: format!("no answer to GET / within {startup_timeout:?}"),
             });
         }
-        let status = tokio::select! {
-            status = child.wait() => Some(status),
-            _ = stop.wait_for(|s| *s) => None,
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break Some(status),
+                _ = stop.wait_for(|s| *s) => break None,
+                Some(reply) = kill_requests.recv() => {
+                    let pid = child.id();
+                    let killed = child.start_kill().is_ok();
+                    let _ = reply.send(pid.filter(|_| killed));
+                }
+            }
         };
         let _ = url_tx.send(None);
         match status {
@@ -741,6 +835,23 @@ struct HandlerResponse {
     return_value: Value,
 }
 
+/// Why an invocation failed.
+#[derive(Debug)]
+struct InvokeError {
+    reason: String,
+    /// No connection: the handler is down (killed, restarting), not failing.
+    refused: bool,
+}
+
+impl From<String> for InvokeError {
+    fn from(reason: String) -> Self {
+        InvokeError {
+            reason,
+            refused: false,
+        }
+    }
+}
+
 /// POSTs one invocation; any non-2xx, unreadable body or connection failure is an error.
 async fn invoke(
     shared: &Shared,
@@ -748,7 +859,7 @@ async fn invoke(
     function: &str,
     invocation_id: &str,
     payload: &Value,
-) -> Result<HandlerResponse, String> {
+) -> Result<HandlerResponse, InvokeError> {
     let mut request = shared
         .http
         .post(format!("{base}/{function}"))
@@ -759,10 +870,10 @@ async fn invoke(
     if let Some(timeout) = shared.invocation_timeout {
         request = request.timeout(timeout);
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach the handler: {e}"))?;
+    let response = request.send().await.map_err(|e| InvokeError {
+        reason: format!("cannot reach the handler: {e}"),
+        refused: e.is_connect(),
+    })?;
     let status = response.status();
     let body = response
         .bytes()
@@ -770,7 +881,9 @@ async fn invoke(
         .map_err(|e| format!("cannot read the handler's answer: {e}"))?;
     if !status.is_success() {
         let excerpt: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-        return Err(format!("handler answered {status}: {excerpt}"));
+        return Err(InvokeError::from(format!(
+            "handler answered {status}: {excerpt}"
+        )));
     }
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(HandlerResponse::default());
@@ -778,14 +891,18 @@ async fn invoke(
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| format!("handler answered {status} with a body that is not JSON: {e}"))?;
     let Value::Object(mut object) = value else {
-        return Err(format!(
+        return Err(InvokeError::from(format!(
             "handler answered {status} with JSON that is not an object"
-        ));
+        )));
     };
     let outputs = match object.remove("Outputs") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(outputs)) => outputs,
-        Some(_) => return Err("handler answer: Outputs is not an object".to_string()),
+        Some(_) => {
+            return Err("handler answer: Outputs is not an object"
+                .to_string()
+                .into())
+        }
     };
     let logs = match object.remove("Logs") {
         Some(Value::Array(lines)) => lines
@@ -910,16 +1027,35 @@ async fn invoke_for_message(
         shared.clock.now(),
     );
     let result = invoke(shared, base, &function.name, &invocation_id, &payload).await;
+    if result.as_ref().is_err_and(|e| e.refused) {
+        // Hold the message (and its lock) until the handler is back: abandoned at once, it would
+        // be received again by another dispatcher, refused again, and burn its deliveries.
+        await_handler(shared, base).await;
+    }
     renewal.abort();
     let (outcome, messages_out) = match result {
         Ok(response) => {
             log_lines(shared, &function.name, &invocation_id, &response.logs);
             let outputs = queue_outputs(function, &response);
-            match shared
-                .queue
-                .complete_with_outputs(queue_name, &message.lock_token, &outputs)
-            {
-                Ok(_) => (Outcome::Succeeded, outputs.len()),
+            let deliver_again = shared.duplicate_draw.as_ref().is_some_and(|draw| {
+                draw.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .deliver_again(message.sequence_number)
+            });
+            let settled = if deliver_again {
+                shared
+                    .queue
+                    .redeliver_with_outputs(queue_name, &message.lock_token, &outputs)
+                    .map(|(_, redelivered)| redelivered)
+            } else {
+                shared
+                    .queue
+                    .complete_with_outputs(queue_name, &message.lock_token, &outputs)
+                    .map(|_| false)
+            };
+            match settled {
+                Ok(false) => (Outcome::Succeeded, outputs.len()),
+                Ok(true) => (Outcome::LockLost, outputs.len()),
                 Err(QueueError::LockLost { .. }) => (Outcome::LockLost, 0),
                 Err(e) => (
                     Outcome::Failed {
@@ -929,7 +1065,7 @@ async fn invoke_for_message(
                 ),
             }
         }
-        Err(reason) => {
+        Err(InvokeError { reason, .. }) => {
             tracing::warn!(function = %function.name, message_id = %message.message_id, %reason, "invocation failed");
             if let Err(e) = shared.queue.abandon(queue_name, &message.lock_token) {
                 tracing::warn!(error = %e, "cannot abandon; the lock will expire");
@@ -1022,7 +1158,7 @@ async fn fire_timer(shared: &Arc<Shared>, function: &FunctionDef, scheduled_for:
                     ),
                 }
             }
-            Err(reason) => (Outcome::Failed { reason }, 0),
+            Err(InvokeError { reason, .. }) => (Outcome::Failed { reason }, 0),
         };
     shared.emit(HostEvent::InvocationFinished {
         function: function.name.clone(),
@@ -1219,7 +1355,7 @@ async fn front_door(
                 ),
             }
         }
-        Err(reason) => (
+        Err(InvokeError { reason, .. }) => (
             (StatusCode::INTERNAL_SERVER_ERROR, "the function failed").into_response(),
             Outcome::Failed { reason },
             0,
@@ -1306,6 +1442,255 @@ mod tests {
         assert_eq!(p["id"], "7");
         let p = match_route("files/{*rest}", "files/a/b/c").unwrap();
         assert_eq!(p["rest"], "a/b/c");
+    }
+
+    /// A function app folder with one function, `Echo`: `in` → `out`.
+    fn echo_app(executable: &str) -> (App, PathBuf) {
+        let root = std::env::temp_dir().join(format!("vmbackup-host-app-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(root.join("Echo")).unwrap();
+        let host_json = json!({ "version": "2.0",
+            "customHandler": { "description": { "defaultExecutablePath": executable } } });
+        std::fs::write(root.join("host.json"), host_json.to_string()).unwrap();
+        let function_json = json!({ "bindings": [
+            { "type": "serviceBusTrigger", "direction": "in", "name": "msg", "queueName": "in" },
+            { "type": "serviceBus", "direction": "out", "name": "out", "queueName": "out" } ] });
+        std::fs::write(root.join("Echo/function.json"), function_json.to_string()).unwrap();
+        (App::load(&root, &HashMap::new()).unwrap(), root)
+    }
+
+    fn open_queue() -> (Queue, PathBuf) {
+        let state =
+            std::env::temp_dir().join(format!("vmbackup-host-state-{}", uuid::Uuid::new_v4()));
+        (Queue::open(&state, Clock::real()).unwrap(), state)
+    }
+
+    async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+        for _ in 0..1500 {
+            if condition() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[test]
+    fn duplicate_draws_are_seeded_and_at_most_once_per_message() {
+        let option = DuplicateDelivery { rate: 0.2, seed: 7 };
+        let mut draw = DuplicateDraw::new(option);
+        let picked: Vec<i64> = (0..10_000).filter(|&seq| draw.deliver_again(seq)).collect();
+        assert!(
+            (1_700..=2_300).contains(&picked.len()),
+            "about 20%: {}",
+            picked.len()
+        );
+        assert!(
+            picked.iter().all(|&seq| !draw.deliver_again(seq)),
+            "a message is drawn once"
+        );
+        let mut again = DuplicateDraw::new(option);
+        let replayed: Vec<i64> = (0..10_000)
+            .filter(|&seq| again.deliver_again(seq))
+            .collect();
+        assert_eq!(picked, replayed, "the same seed picks the same messages");
+        let mut never = DuplicateDraw::new(DuplicateDelivery { rate: 0.0, seed: 7 });
+        assert!((0..1_000).all(|seq| !never.deliver_again(seq)));
+    }
+
+    #[tokio::test]
+    async fn duplicate_delivery_redelivers_a_handled_message_with_its_id() {
+        // The handler records (MessageId, DeliveryCount) and echoes one output per invocation.
+        let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let recorder = seen.clone();
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ready" }))
+            .route(
+                "/Echo",
+                axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                    let recorder = recorder.clone();
+                    async move {
+                        let text = |v: &Value| {
+                            v.as_str().unwrap_or_default().trim_matches('"').to_string()
+                        };
+                        recorder.lock().unwrap().push((
+                            text(&body["Metadata"]["MessageId"]),
+                            text(&body["Metadata"]["DeliveryCount"]),
+                        ));
+                        axum::Json(json!({ "Outputs": { "out": { "echo": true } } }))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+
+        let (app, root) = echo_app("unused");
+        let (queue, state) = open_queue();
+        let mut config = HostConfig::new(app, queue.clone());
+        assert_eq!(config.duplicate_delivery, None, "off by default");
+        config.target = HandlerTarget::Url(base);
+        config.duplicate_delivery = Some(DuplicateDelivery { rate: 1.0, seed: 1 });
+        let host = Host::start(config).await.unwrap();
+        for id in ["m-1", "m-2", "m-3"] {
+            let mut message = OutgoingMessage::new("{}");
+            message.properties.message_id = Some(id.into());
+            queue.send("in", &message).unwrap();
+        }
+        eventually("every message is handled twice", || {
+            seen.lock().unwrap().len() == 6 && host.is_idle().unwrap_or(false)
+        })
+        .await;
+        let mut deliveries = seen.lock().unwrap().clone();
+        deliveries.sort();
+        let expected: Vec<(String, String)> = ["m-1", "m-2", "m-3"]
+            .iter()
+            .flat_map(|id| {
+                [
+                    (id.to_string(), "1".to_string()),
+                    (id.to_string(), "2".to_string()),
+                ]
+            })
+            .collect();
+        assert_eq!(deliveries, expected, "the same message, delivered again");
+        assert_eq!(
+            queue.active_count_in("out").unwrap(),
+            6,
+            "both runs' outputs were sent"
+        );
+        assert_eq!(queue.active_count_in("in").unwrap(), 0);
+        assert_eq!(queue.dead_letter_count().unwrap(), 0);
+        assert_eq!(
+            host.kill_handler().await,
+            None,
+            "no process of ours behind a URL"
+        );
+        host.stop().await;
+        let _ = std::fs::remove_dir_all(root);
+        let _ = std::fs::remove_dir_all(state);
+    }
+
+    /// Serves `Echo` on `listener` until `stop` fires; records each delivery's `DeliveryCount`.
+    fn serve_echo(
+        listener: tokio::net::TcpListener,
+        seen: Arc<Mutex<Vec<String>>>,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()> {
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ready" }))
+            .route(
+                "/Echo",
+                axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                    let seen = seen.clone();
+                    async move {
+                        let count = body["Metadata"]["DeliveryCount"].as_str().unwrap_or("?");
+                        seen.lock().unwrap().push(count.to_string());
+                        axum::Json(json!({ "Outputs": {} }))
+                    }
+                }),
+            );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.await;
+                })
+                .await;
+        })
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_refuses_connections_does_not_burn_deliveries() {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let server = serve_echo(listener, seen.clone(), stopped);
+        let (app, root) = echo_app("unused");
+        let (queue, state) = open_queue();
+        let mut config = HostConfig::new(app, queue.clone());
+        config.target = HandlerTarget::Url(format!("http://{addr}"));
+        let host = Host::start(config).await.unwrap();
+
+        // The handler goes down (as between a kill and the host noticing it); a message arrives.
+        let _ = stop.send(());
+        server.await.unwrap();
+        queue.send("in", &OutgoingMessage::new("{}")).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            queue.dead_letter_count().unwrap(),
+            0,
+            "deliveries burnt while it was down"
+        );
+
+        // Back on the same address: the message is handled after at most a couple of deliveries.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (_keep, never) = oneshot::channel();
+        serve_echo(listener, seen.clone(), never);
+        eventually("the message is handled", || {
+            !seen.lock().unwrap().is_empty() && host.is_idle().unwrap_or(false)
+        })
+        .await;
+        let counts = seen.lock().unwrap().clone();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        let count: u32 = counts[0].trim_matches('"').parse().unwrap();
+        assert!(count <= 2, "delivery count {count}");
+        assert_eq!(queue.dead_letter_count().unwrap(), 0);
+        host.stop().await;
+        let _ = std::fs::remove_dir_all(root);
+        let _ = std::fs::remove_dir_all(state);
+    }
+
+    #[tokio::test]
+    async fn kill_handler_kills_the_child_and_the_host_restarts_it() {
+        let python_ok = std::process::Command::new("python3")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !python_ok {
+            println!("SKIPPED: python3 is not available to act as a child handler process");
+            return;
+        }
+        let (app, root) = echo_app("sh");
+        let (queue, state) = open_queue();
+        let mut config = HostConfig::new(app, queue);
+        // Any HTTP server answers the readiness probe.
+        config.target = HandlerTarget::Command {
+            executable: "sh".into(),
+            arguments: vec![
+                "-c".into(),
+                "exec python3 -m http.server \"$FUNCTIONS_CUSTOMHANDLER_PORT\" --bind 127.0.0.1"
+                    .into(),
+            ],
+            working_directory: root.clone(),
+        };
+        let host = Host::start(config).await.unwrap();
+        let mut events = host.subscribe();
+        let killed = host
+            .kill_handler()
+            .await
+            .expect("a running child is killed");
+        let mut exited = None;
+        let mut restarted = None;
+        eventually("the killed child is restarted", || {
+            while let Ok(event) = events.try_recv() {
+                match event {
+                    HostEvent::HandlerExited { status } => exited = Some(status),
+                    HostEvent::HandlerStarted { pid, .. } => restarted = pid,
+                    _ => {}
+                }
+            }
+            restarted.is_some() && host.handler_url().is_some()
+        })
+        .await;
+        assert!(
+            exited
+                .as_deref()
+                .is_some_and(|s| s.contains("9") || s.contains("KILL")),
+            "killed by SIGKILL: {exited:?}"
+        );
+        assert_ne!(restarted, Some(killed));
+        host.stop().await;
+        let _ = std::fs::remove_dir_all(root);
+        let _ = std::fs::remove_dir_all(state);
     }
 
     #[test]

@@ -572,26 +572,59 @@ impl Queue {
         lock_token: &str,
         outputs: &[(String, OutgoingMessage)],
     ) -> Result<Vec<SendOutcome>, QueueError> {
+        self.settle_with_outputs(queue, lock_token, outputs, false)
+            .map(|(outcomes, _)| outcomes)
+    }
+
+    /// At-least-once delivery made real (a chaos option of the host): enqueues `outputs` as a
+    /// completion would, but the message stays on the queue, unlocked, and is delivered again with
+    /// the same `MessageId` and `DeliveryCount` + 1, as Service Bus does when the lock is lost after
+    /// the handler ran and its output bindings were sent. On the last allowed delivery it completes
+    /// instead (a redelivery would only dead-letter a message that was handled). Returns the
+    /// outputs' outcomes and whether the message will be delivered again.
+    pub fn redeliver_with_outputs(
+        &self,
+        queue: &str,
+        lock_token: &str,
+        outputs: &[(String, OutgoingMessage)],
+    ) -> Result<(Vec<SendOutcome>, bool), QueueError> {
+        self.settle_with_outputs(queue, lock_token, outputs, true)
+    }
+
+    fn settle_with_outputs(
+        &self,
+        queue: &str,
+        lock_token: &str,
+        outputs: &[(String, OutgoingMessage)],
+        redeliver: bool,
+    ) -> Result<(Vec<SendOutcome>, bool), QueueError> {
         self.run_barrier()?;
         let now = self.now_ms();
-        let (outcomes, enqueued) = {
+        let (outcomes, enqueued, redelivered) = {
             let mut connection = self.connection();
             let tx = connection.transaction()?;
-            let deleted = tx.execute(
-                "DELETE FROM messages WHERE queue = ?1 AND lock_token = ?2 AND state = 'active'",
-                params![queue, lock_token],
-            )?;
-            if deleted == 0 {
-                return Err(QueueError::LockLost {
-                    queue: queue.to_string(),
-                });
+            let (seq, _, delivery_count) = locked_row(&tx, queue, lock_token)?;
+            let max_delivery_count = settings(&tx, queue)?
+                .ok_or_else(|| QueueError::QueueNotFound(queue.into()))?
+                .max_delivery_count;
+            let redelivered = redeliver && delivery_count < max_delivery_count;
+            if redelivered {
+                tx.execute(
+                    "UPDATE messages SET lock_token = NULL, available_ms = ?2 WHERE seq = ?1",
+                    params![seq, now],
+                )?;
+            } else {
+                tx.execute("DELETE FROM messages WHERE seq = ?1", params![seq])?;
             }
-            let result = insert_all(&tx, outputs, now)?;
+            let (outcomes, enqueued) = insert_all(&tx, outputs, now)?;
             tx.commit()?;
-            result
+            (outcomes, enqueued, redelivered)
         };
         self.after_enqueue(enqueued);
-        Ok(outcomes)
+        if redelivered {
+            self.inner.changed.notify_waiters();
+        }
+        Ok((outcomes, redelivered))
     }
 
     /// Releases the lock; the message is delivered again, or dead-lettered when it has reached
@@ -1166,6 +1199,48 @@ mod tests {
         assert_eq!(queue.active_count_in("in").unwrap(), 0);
         assert_eq!(queue.active_count_in("out-a").unwrap(), 1);
         assert_eq!(queue.active_count_in("out-b").unwrap(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_redelivered_message_keeps_its_id_after_its_outputs_were_sent() {
+        let dir = temp_state();
+        let options = QueueOptions {
+            max_delivery_count: 3,
+            ..QueueOptions::default()
+        };
+        let queue = open_with(&dir, &options);
+        queue.send("in", &with_id("trigger", "t")).unwrap();
+        let first = queue.receive("in").unwrap().unwrap();
+        let (outcomes, redelivered) = queue
+            .redeliver_with_outputs(
+                "in",
+                &first.lock_token,
+                &[("out-a".into(), with_id("o", "o1"))],
+            )
+            .unwrap();
+        assert!(redelivered);
+        assert!(matches!(outcomes[..], [SendOutcome::Enqueued { .. }]));
+        assert_eq!(queue.active_count_in("out-a").unwrap(), 1, "outputs sent");
+        // The old lock is gone: the handler's completion would fail as with a lost lock.
+        assert!(matches!(
+            queue.complete("in", &first.lock_token),
+            Err(QueueError::LockLost { .. })
+        ));
+        let second = queue.receive("in").unwrap().unwrap();
+        assert_eq!(second.message_id, "t");
+        assert_eq!(second.sequence_number, first.sequence_number);
+        assert_eq!(second.delivery_count, 2);
+        queue.abandon("in", &second.lock_token).unwrap();
+        // The last allowed delivery completes rather than dead-letter a handled message.
+        let third = queue.receive("in").unwrap().unwrap();
+        assert_eq!(third.delivery_count, 3);
+        let (_, redelivered) = queue
+            .redeliver_with_outputs("in", &third.lock_token, &[])
+            .unwrap();
+        assert!(!redelivered);
+        assert_eq!(queue.active_count_in("in").unwrap(), 0);
+        assert_eq!(queue.dead_letter_count().unwrap(), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

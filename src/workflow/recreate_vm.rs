@@ -207,29 +207,44 @@ fn restored_vm_id(restore: &RestoreContext) -> Result<ResourceId, StepError> {
     .map_err(|e| StepError::Refused(format!("restored VM name: {e}"), None))
 }
 
-/// Whether an earlier delivery already deployed the VM under the ticket's deployment name. A running
-/// deployment is that delivery's to follow: this copy is retried later.
+/// Simulated/real time between two reads of a deployment an earlier delivery started.
+const DEPLOYMENT_POLL: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long this delivery waits for such a deployment before it asks to be retried.
+const DEPLOYMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// Whether an earlier delivery already deployed the VM under the ticket's deployment name. A
+/// deployment still running was started by a delivery that may have died since (killed, lock lost):
+/// this one follows it to its end, as the first would have (answering "retry" at once would spend
+/// the message's deliveries in the seconds the deployment runs).
 async fn deployed_before(deps: &Deps, restore: &RestoreContext) -> Result<bool, StepError> {
     let target = &restore.target_resource_group_id;
-    match deps
-        .deployments
-        .get(
-            target.subscription_id(),
-            target.name(),
-            &restore.deployment_name,
-        )
-        .await
-    {
-        Ok(found) => match found.properties.provisioning_state.as_deref() {
-            Some("Succeeded") => Ok(true),
-            Some("Failed" | "Canceled") => Ok(false),
-            _ => Err(StepError::Retry(format!(
-                "deployment {} is still running",
-                restore.deployment_name
-            ))),
-        },
-        Err(e) if e.is_not_found() => Ok(false),
-        Err(e) => Err(StepError::from_azure(e, "reading the deployment")),
+    let give_up =
+        deps.clock.now() + chrono::Duration::from_std(DEPLOYMENT_WAIT).unwrap_or_default();
+    loop {
+        let found = match deps
+            .deployments
+            .get(
+                target.subscription_id(),
+                target.name(),
+                &restore.deployment_name,
+            )
+            .await
+        {
+            Ok(found) => found,
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(StepError::from_azure(e, "reading the deployment")),
+        };
+        match found.properties.provisioning_state.as_deref() {
+            Some("Succeeded") => return Ok(true),
+            Some("Failed" | "Canceled") => return Ok(false),
+            _ if deps.clock.now() >= give_up => {
+                return Err(StepError::Retry(format!(
+                    "deployment {} is still running",
+                    restore.deployment_name
+                )))
+            }
+            _ => deps.clock.sleep(DEPLOYMENT_POLL).await,
+        }
     }
 }
 

@@ -673,7 +673,13 @@ async fn start(
                 plan.restored_vm_name
             )))
         }
-        Earlier::Job(job) => return Ok(Started::Earlier(format!("restore job {job}"))),
+        Earlier::Job(job_id) => {
+            // The attempt that started this job may have died before handing it to track-job:
+            // hand it over again. The follow-up id is the same, so when the first hand-over was
+            // sent, Service Bus duplicate detection drops this one.
+            tracing::info!(ticket = %request.ticket_id, %job_id, "restore job already started for this ticket; tracking it");
+            return job_started(event, &request.vm_id, &item.vault_id, job_id, restore, now);
+        }
         Earlier::Nothing => {}
     }
     if vm.is_some() {
@@ -749,11 +755,23 @@ async fn start(
         }
     }
     tracing::info!(ticket = %request.ticket_id, %job_id, recovery_point = %plan.recovery_point.id, "restore started");
-    let vault_id = ResourceId::parse(&item.vault_id)
+    job_started(event, &request.vm_id, &item.vault_id, job_id, restore, now)
+}
+
+/// The hand-over of a ticket's restore job to track-job.
+fn job_started(
+    event: &CloudEvent<RestoreRequestFields>,
+    vm_id: &ResourceId,
+    vault_id: &str,
+    job_id: String,
+    restore: RestoreContext,
+    now: DateTime<Utc>,
+) -> Result<Started, HandlerError> {
+    let vault_id = ResourceId::parse(vault_id)
         .map_err(|e| HandlerError::transient(format!("vault id: {e}")))?;
     Ok(Started::Job(Box::new(event.follow(
         JobStarted {
-            vm_id: request.vm_id.clone(),
+            vm_id: vm_id.clone(),
             vault_id,
             job_id,
             started_at: now,

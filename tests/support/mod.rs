@@ -15,12 +15,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use vmbackup::azure::config::{SasKey, ServiceBusConfig};
+use vmbackup::azure::config::{
+    SasKey, ServiceBusConfig, ENV_ARM_ENDPOINT, ENV_CREDENTIAL, ENV_SERVICEBUS_CONNECTION_STRING,
+    ENV_SERVICEBUS_ENDPOINT,
+};
 use vmbackup::azure::{AzureConfig, AzureError, BearerToken, TokenSource};
 use vmbackup::clock::Clock;
 use vmbackup::events::{CloudEvent, EventData};
 use vmbackup::local::app::App;
-use vmbackup::local::host::{HandlerTarget, Host, HostConfig};
+use vmbackup::local::host::{DuplicateDelivery, HandlerTarget, Host, HostConfig};
 use vmbackup::local::queue::{JournalEntry, OutgoingMessage, Queue, QueueOptions};
 use vmbackup::local::servicebus_endpoint::{self, EndpointConfig, RunningEndpoint};
 use vmbackup::simulator::fleet::Fleet;
@@ -129,6 +132,14 @@ pub struct Options {
     pub settings: HashMap<String, String>,
 }
 
+/// The host starts the real binary (`vmbackup serve`) as its handler child, configured through app
+/// settings as `vmbackup local` does, instead of delivering to the in-process handler.
+#[derive(Default)]
+pub struct RealHandler {
+    /// The host's chaos option (see [`DuplicateDelivery`]).
+    pub duplicate_delivery: Option<DuplicateDelivery>,
+}
+
 impl Harness {
     pub async fn start(fleet_json: &str) -> Harness {
         Self::start_with(fleet_json, Options::default()).await
@@ -144,6 +155,24 @@ impl Harness {
         fleet_json: &str,
         options: Options,
         sim_start: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Harness {
+        Self::start_inner(fleet_json, options, sim_start, None).await
+    }
+
+    /// Start with the real `vmbackup serve` child as the host's handler.
+    pub async fn start_real_handler(
+        fleet_json: &str,
+        options: Options,
+        real: RealHandler,
+    ) -> Harness {
+        Self::start_inner(fleet_json, options, None, Some(real)).await
+    }
+
+    async fn start_inner(
+        fleet_json: &str,
+        options: Options,
+        sim_start: Option<chrono::DateTime<chrono::Utc>>,
+        real_handler: Option<RealHandler>,
     ) -> Harness {
         let fleet = Fleet::from_json_str(fleet_json).expect("the test fleet is valid");
         let subscriptions: Vec<String> = fleet.subscriptions.iter().map(|s| s.id.clone()).collect();
@@ -241,6 +270,25 @@ impl Harness {
         }
         let mut host_config = HostConfig::new(app, queue.clone());
         host_config.target = HandlerTarget::Url(handler_url.clone());
+        if let Some(real) = real_handler {
+            host_config.duplicate_delivery = real.duplicate_delivery;
+            host_config.target = HandlerTarget::Command {
+                executable: env!("CARGO_BIN_EXE_vmbackup").into(),
+                arguments: vec!["serve".into()],
+                working_directory: repo_root(),
+            };
+            app_settings.extend([
+                (ENV_ARM_ENDPOINT.to_string(), sim.arm_endpoint()),
+                ("IDENTITY_ENDPOINT".to_string(), sim.identity_endpoint()),
+                ("IDENTITY_HEADER".to_string(), sim.identity_header()),
+                (ENV_CREDENTIAL.to_string(), "managed-identity".to_string()),
+                (
+                    ENV_SERVICEBUS_CONNECTION_STRING.to_string(),
+                    format!("Endpoint=sb://{NAMESPACE}.servicebus.windows.net/;SharedAccessKeyName={SAS_KEY_NAME};SharedAccessKey={sas_key}"),
+                ),
+                (ENV_SERVICEBUS_ENDPOINT.to_string(), format!("http://{}/", endpoint.addr)),
+            ]);
+        }
         host_config.app_settings = app_settings;
         host_config.clock = clock;
         host_config.http_listen = Some("127.0.0.1:0".parse().unwrap());
