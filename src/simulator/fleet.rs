@@ -4,7 +4,7 @@
 //! and durations, and every error names the file, the JSON path of the field and why it is wrong.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -472,6 +472,36 @@ impl Fleet {
             }
             sub.validate(&at)?;
         }
+        // Key vault and storage account names are DNS names in Azure (`{name}.vault.azure.net`,
+        // `{name}.blob.core.windows.net`): unique across subscriptions, and the data plane is
+        // found by name alone.
+        let mut dns_names: HashMap<String, String> = HashMap::new();
+        for (s, sub) in self.subscriptions.iter().enumerate() {
+            let vaults = sub.key_vaults.iter().enumerate().map(|(i, k)| {
+                (
+                    format!("subscriptions[{s}].keyVaults[{i}]"),
+                    "key vault",
+                    &k.name,
+                )
+            });
+            let accounts = sub.storage_accounts.iter().enumerate().map(|(i, a)| {
+                (
+                    format!("subscriptions[{s}].storageAccounts[{i}]"),
+                    "storage account",
+                    &a.name,
+                )
+            });
+            for (here, kind, name) in vaults.chain(accounts) {
+                let key = format!("{kind}/{}", name.to_ascii_lowercase());
+                if let Some(first) = dns_names.get(&key) {
+                    return Err((
+                        here,
+                        format!("{kind} name {name:?} is already used at {first}: Azure {kind} names are globally unique"),
+                    ));
+                }
+                dns_names.insert(key, here);
+            }
+        }
         for (t, entry) in self.timeline.iter().enumerate() {
             self.validate_timeline_action(&entry.action, &format!("timeline[{t}]"))?;
         }
@@ -875,6 +905,24 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.field, "subscriptions[0].virtualMachines[0].agent");
         assert_eq!(err.source_name, "<inline>");
+    }
+
+    #[test]
+    fn key_vault_and_storage_account_names_are_unique_across_subscriptions() {
+        let fleet = |second_vault: &str| {
+            format!(
+                r#"{{"subscriptions":[
+                {{"id":"11111111-1111-1111-1111-111111111111","keyVaults":[{{"name":"kv-app","resourceGroup":"rg","location":"westeurope"}}]}},
+                {{"id":"22222222-2222-2222-2222-222222222222","keyVaults":[{{"name":"{second_vault}","resourceGroup":"rg","location":"westeurope"}}]}}]}}"#
+            )
+        };
+        assert!(Fleet::from_json_str(&fleet("kv-other")).is_ok());
+        let err = Fleet::from_json_str(&fleet("KV-App")).unwrap_err();
+        assert_eq!(err.field, "subscriptions[1].keyVaults[0]");
+        assert!(
+            err.reason.contains("subscriptions[0].keyVaults[0]"),
+            "{err}"
+        );
     }
 
     #[test]
