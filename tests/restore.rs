@@ -1219,3 +1219,98 @@ async fn the_staging_account_is_the_configured_one_in_the_vaults_region() {
     assert_eq!(restore_jobs(&h, "vm-plain"), 0);
     h.stop().await;
 }
+
+fn request_event(h: &Harness, fields: RestoreRequestFields) -> Value {
+    let ticket = fields.ticket_id.clone().unwrap_or_default();
+    let subject = fields.vm_id.clone();
+    let event = CloudEvent::start(fields, subject, h.clock.now()).with_ticket(ticket);
+    serde_json::to_value(&event).unwrap()
+}
+
+/// What start-restore writes on the source VM before it triggers the restore: the ticket's marker
+/// naming the request (the hash of its message id).
+fn pending_marker(h: &Harness, fields: &RestoreRequestFields) -> String {
+    let request = vmbackup::domain::restore::validate_request(fields).unwrap();
+    let message_id = vmbackup::domain::restore::request_message_id(&request);
+    let hash = message_id.rsplit_once('-').unwrap().1;
+    let now = h
+        .clock
+        .now()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    format!("pending:{now}:{hash}")
+}
+
+fn set_marker(h: &Harness, vm: &str, ticket: &str, marker: &str) {
+    let tag = vmbackup::workflow::start_restore::ticket_tag(ticket);
+    h.sim.with_state(|s| {
+        let vm = s.vms.iter_mut().find(|v| v.name == vm).unwrap();
+        vm.tags.insert(tag, marker.to_string());
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_different_requests_for_one_ticket_at_once_start_one_restore() {
+    let (h, cb) = start().await;
+    back_up(&h, "vm-lin-kek").await;
+    for (round, ticket) in ["RACE-1", "RACE-2", "RACE-3"].into_iter().enumerate() {
+        let jobs_before = restore_jobs(&h, "vm-lin-kek");
+        // Two requests for one ticket that differ (their callbacks), so duplicate detection keeps
+        // both; delivered at the same instant, around the queue.
+        let first = request(&cb, "vm-lin-kek", ticket);
+        let mut second = first.clone();
+        second.callback_url = Some(cb.url(&format!("{ticket}-other")));
+        let (first, second) = (request_event(&h, first), request_event(&h, second));
+        let ((status_a, answer_a), (status_b, answer_b)) = tokio::join!(
+            h.invoke("start-restore", &first, 1),
+            h.invoke("start-restore", &second, 1)
+        );
+        assert_eq!((status_a, status_b), (200, 200), "{answer_a} / {answer_b}");
+        assert_eq!(
+            restore_jobs(&h, "vm-lin-kek"),
+            jobs_before + 1,
+            "round {round}"
+        );
+        idle(&h).await;
+        one_event(&h, "vmbackup.restore.completed", ticket).await;
+    }
+    let conflicts = h
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.status == 412)
+        .count();
+    println!("VM tag writes refused with 412 over 3 racing pairs: {conflicts}");
+    assert_nothing_failed(&h);
+    assert!(events_for(&h, "vmbackup.restore.rejected", "RACE-1").is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_marker_holds_the_ticket_for_its_own_request_only() {
+    let (h, cb) = start().await;
+    back_up(&h, "vm-lin-kek").await;
+    let fields = request(&cb, "vm-lin-kek", "MARK-1");
+
+    // Another request for the ticket wrote its marker and is about to trigger: nothing starts.
+    let mut other = fields.clone();
+    other.callback_url = Some(cb.url("MARK-1-other"));
+    set_marker(&h, "vm-lin-kek", "MARK-1", &pending_marker(&h, &other));
+    let (status, answer) = h
+        .invoke("start-restore", &request_event(&h, fields.clone()), 1)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(restore_jobs(&h, "vm-lin-kek"), 0);
+    assert!(events_for(&h, "vmbackup.restore.rejected", "MARK-1").is_empty());
+
+    // This request wrote its marker and died before the trigger: its redelivery goes on.
+    set_marker(&h, "vm-lin-kek", "MARK-1", &pending_marker(&h, &fields));
+    let (status, answer) = h
+        .invoke("start-restore", &request_event(&h, fields), 2)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(restore_jobs(&h, "vm-lin-kek"), 1);
+    idle(&h).await;
+    one_event(&h, "vmbackup.restore.completed", "MARK-1").await;
+    assert_nothing_failed(&h);
+    h.stop().await;
+}

@@ -865,3 +865,99 @@ async fn non_ade_vms_restore_to_a_new_vm_or_over_the_original() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_etag_moves_on_every_write_and_if_match_guards_put_and_patch() {
+    let sim = start(fleet(true, "ready", json!({})), None).await;
+    let arm = Arm::new(&sim).await;
+    let vm_url = format!("{}?api-version=2025-11-01", vm_id());
+    let etag = |vm: &Value| vm["etag"].as_str().unwrap().to_string();
+    let conditional =
+        |method: reqwest::Method, header: &'static str, value: String, body: Value| {
+            let request = arm
+                .http
+                .request(method, format!("{}{vm_url}", arm.base))
+                .bearer_auth(&arm.token)
+                .header(header, value)
+                .json(&body);
+            async move {
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                (status, response.json::<Value>().await.unwrap())
+            }
+        };
+    let (_, _, vm) = arm.call(reqwest::Method::GET, &vm_url, None).await;
+    let read = etag(&vm);
+
+    // A tags write through the Tags API moves the VM's etag.
+    let (status, _, _) = arm
+        .call(
+            reqwest::Method::PATCH,
+            &format!(
+                "{}/providers/Microsoft.Resources/tags/default?api-version=2025-04-01",
+                vm_id()
+            ),
+            Some(json!({ "operation": "Merge", "properties": { "tags": { "owner": "ops" } } })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, _, vm) = arm.call(reqwest::Method::GET, &vm_url, None).await;
+    let after_tags = etag(&vm);
+    assert_ne!(after_tags, read);
+
+    // A PATCH under the stale etag is refused and changes nothing.
+    let (status, body) = conditional(
+        reqwest::Method::PATCH,
+        "if-match",
+        read.clone(),
+        json!({ "tags": { "stale": "write" } }),
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    assert_eq!(body["error"]["code"], "PreconditionFailed");
+    let (_, _, vm) = arm.call(reqwest::Method::GET, &vm_url, None).await;
+    assert_eq!(
+        (etag(&vm), &vm["tags"]),
+        (after_tags.clone(), &json!({ "owner": "ops" }))
+    );
+
+    // Under the current etag it replaces the tags and moves the etag again.
+    let (status, body) = conditional(
+        reqwest::Method::PATCH,
+        "if-match",
+        after_tags.clone(),
+        json!({ "tags": { "fresh": "write" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tags"], json!({ "fresh": "write" }));
+    let after_patch = etag(&body);
+    assert_ne!(after_patch, after_tags);
+
+    // `If-None-Match: *` creates only: the VM exists.
+    let (status, body) = conditional(
+        reqwest::Method::PUT,
+        "if-none-match",
+        "*".into(),
+        json!({ "location": "westeurope", "tags": {} }),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (412, &json!("PreconditionFailed"))
+    );
+
+    // An extension write moves it too.
+    let (status, _, _) = arm
+        .call(
+            reqwest::Method::PUT,
+            &format!("{}/extensions/custom?api-version=2025-11-01", vm_id()),
+            Some(json!({ "location": "westeurope", "properties": {
+                "publisher": "Microsoft.Azure.Extensions", "type": "CustomScript", "typeHandlerVersion": "2.1" } })),
+        )
+        .await;
+    assert!(matches!(status, 200 | 201));
+    let (_, _, vm) = arm.call(reqwest::Method::GET, &vm_url, None).await;
+    assert_ne!(etag(&vm), after_patch);
+    sim.shutdown().await;
+}

@@ -3,6 +3,7 @@
 
 use super::error::AzureError;
 use super::pipeline::{decode_resource, ApiRequest, ArmClient};
+use reqwest::header::{HeaderValue, IF_MATCH};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -31,6 +32,8 @@ pub struct VirtualMachine {
     pub location: String,
     pub tags: BTreeMap<String, String>,
     pub zones: Vec<String>,
+    /// The model's version (`"3"`), for `If-Match` on a later write.
+    pub etag: Option<String>,
     pub properties: VmProperties,
 }
 
@@ -432,6 +435,12 @@ pub fn tags_patch_body(operation: TagsOperation, tags: &BTreeMap<String, String>
     })
 }
 
+/// A write sent with `If-Match` found the resource changed since it was read (HTTP 412
+/// `PreconditionFailed`): read it again and decide again. Never retried by the pipeline.
+pub fn is_precondition_failed(error: &AzureError) -> bool {
+    error.status() == Some(412) || error.has_code("PreconditionFailed")
+}
+
 #[derive(Debug, Clone)]
 pub struct ComputeClient {
     arm: ArmClient,
@@ -453,6 +462,26 @@ impl ComputeClient {
             url.query_pairs_mut().append_pair("$expand", "instanceView");
         }
         self.arm.get_json(url).await
+    }
+
+    /// Replaces a VM's tags with `tags` (VM PATCH replaces the whole tags object: send them all),
+    /// only if the VM is still at `etag` (`If-Match`); a VM changed since is
+    /// [`is_precondition_failed`].
+    pub async fn update_vm_tags_if_match(
+        &self,
+        vm_id: &str,
+        tags: &BTreeMap<String, String>,
+        etag: &str,
+    ) -> Result<VirtualMachine, AzureError> {
+        let url = self.arm.arm_url(vm_id, COMPUTE_API_VERSION)?;
+        let if_match = HeaderValue::from_str(etag).map_err(|_| AzureError::InvalidInput {
+            field: "etag".into(),
+            message: format!("{etag:?} is not a valid If-Match header value"),
+        })?;
+        let mut request = ApiRequest::arm(Method::PATCH, url).json(json!({ "tags": tags }));
+        request.headers.push((IF_MATCH, if_match));
+        let outcome = self.arm.send_lro(request).await?;
+        decode_resource(outcome.resource, vm_id)
     }
 
     pub async fn get_network_interface(

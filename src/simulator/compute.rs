@@ -250,7 +250,7 @@ pub fn render_vm(state: &SimState, vm: &Vm, expand_instance_view: bool) -> Value
     let mut body = json!({
         "name": vm.name, "id": vm.id(), "type": "Microsoft.Compute/virtualMachines",
         "location": vm.location, "tags": vm.tags, "properties": properties,
-        "etag": format!("\"{}\"", vm.created.timestamp())
+        "etag": vm_etag(vm)
     });
     if !vm.extensions.is_empty() {
         body["resources"] = Value::Array(
@@ -624,7 +624,6 @@ pub fn upsert_vm_from_body(
         _ => Default::default(),
     };
     if let Some(vm) = state.vm_mut(sub, rg, name) {
-        let tags_changed = body.get("tags").is_some() && vm.tags != tags;
         if body.get("tags").is_some() {
             vm.tags = tags;
         }
@@ -635,7 +634,6 @@ pub fn upsert_vm_from_body(
             vm.encryption_at_host = at_host;
         }
         state.emit_write(&vm_id, "Microsoft.Compute/virtualMachines/write", now);
-        let _ = tags_changed;
         return Ok((vm_id, false));
     }
     let location = body
@@ -792,6 +790,7 @@ pub fn upsert_vm_from_body(
         extensions: Vec::new(),
         created: now,
         subnet: None,
+        etag: 0,
     });
     state.emit_write(&vm_id, "Microsoft.Compute/virtualMachines/write", now);
     Ok((vm_id, true))
@@ -821,6 +820,7 @@ fn put_vm(
     name: &str,
 ) -> Result<Reply, Reply> {
     let body = req.json_body()?;
+    check_preconditions(req, state.vm(sub, rg, name))?;
     let (_, created) = upsert_vm_from_body(state, sub, rg, name, &body, req.now)?;
     let vm = state
         .vm(sub, rg, name)
@@ -844,15 +844,63 @@ fn patch_vm(
     name: &str,
 ) -> Result<Reply, Reply> {
     let body = req.json_body()?;
-    if state.vm(sub, rg, name).is_none() {
+    let Some(vm) = state.vm(sub, rg, name) else {
         return Err(vm_not_found(rg, name));
-    }
-    let (id, _) = upsert_vm_from_body(state, sub, rg, name, &body, req.now)?;
-    let _ = id;
+    };
+    check_preconditions(req, Some(vm))?;
+    upsert_vm_from_body(state, sub, rg, name, &body, req.now)?;
     let vm = state
         .vm(sub, rg, name)
         .ok_or_else(|| vm_not_found(rg, name))?;
     Ok(Reply::ok(render_vm(state, vm, false)))
+}
+
+/// ARM's `etag` of a VM: its model version, quoted (`"3"`).
+fn vm_etag(vm: &Vm) -> String {
+    format!("\"{}\"", vm.etag)
+}
+
+/// `If-Match` (the current etag, one of a list, or `*` for any existing VM) and `If-None-Match: *`
+/// (only if the VM does not exist) on a VM write; a failed condition is ARM's 412. The message is
+/// the simulator's own wording.
+fn check_preconditions(req: &Request, vm: Option<&Vm>) -> Result<(), Reply> {
+    let header = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let current = vm.map(vm_etag);
+    let matches = |condition: &str| {
+        condition.split(',').map(str::trim).any(|tag| {
+            tag == "*"
+                || current
+                    .as_deref()
+                    .is_some_and(|etag| etag == tag.trim_start_matches("W/"))
+        })
+    };
+    let failed = |detail: String| {
+        Err(Reply::arm_error(
+            StatusCode::PRECONDITION_FAILED,
+            "PreconditionFailed",
+            &format!("The precondition on the virtual machine was not met: {detail}."),
+        ))
+    };
+    if let Some(condition) = header("if-match") {
+        if current.is_none() || !matches(condition) {
+            let now = current.as_deref().unwrap_or("none (the VM does not exist)");
+            return failed(format!(
+                "If-Match {condition} but the current etag is {now}"
+            ));
+        }
+    }
+    if let Some(condition) = header("if-none-match") {
+        if current.is_some() && matches(condition) {
+            return failed(format!("If-None-Match {condition} but the VM exists"));
+        }
+    }
+    Ok(())
 }
 
 /// The settings a PUT of the ADE extension must carry, checked as the extension checks them.

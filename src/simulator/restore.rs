@@ -560,6 +560,7 @@ fn create_vm(
         extensions: Vec::new(),
         created: job.end,
         subnet: Some(subnet_id.to_string()),
+        etag: 0,
     });
     state.emit_write(&vm_id, "Microsoft.Compute/virtualMachines/write", job.end);
     Ok(())

@@ -47,6 +47,10 @@ pub struct Vm {
     /// vnet ([`Vm::subnet_id`]). Set for VMs an alternate-location restore creates.
     #[serde(default)]
     pub subnet: Option<String>,
+    /// The model's version, rendered as ARM's `etag` (`"3"`): every write of the VM (PUT, PATCH, tags,
+    /// extensions, a restore swapping its disks) bumps it, through [`SimState::emit_write`].
+    #[serde(default)]
+    pub etag: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
@@ -785,6 +789,7 @@ impl SimState {
             extensions: Vec::new(),
             created: now,
             subnet: None,
+            etag: 0,
         });
         self.emit_write(&vm_id, "Microsoft.Compute/virtualMachines/write", now);
         if let EncryptionSpec::Ade {
@@ -1044,7 +1049,28 @@ impl SimState {
     }
 
     /// Record a `Microsoft.Resources.ResourceWriteSuccess` event for the server to publish.
+    /// Records a successful write (the Event Grid event); a write of a VM or of something under it
+    /// (extension, tags) also moves the VM's etag, as ARM's does.
     pub fn emit_write(&mut self, resource_uri: &str, operation_name: &str, now: DateTime<Utc>) {
+        let vm_write = operation_name.starts_with("Microsoft.Compute/virtualMachines/")
+            || (operation_name == "Microsoft.Resources/tags/write"
+                && resource_uri
+                    .to_ascii_lowercase()
+                    .contains("/providers/microsoft.compute/virtualmachines/"));
+        if vm_write {
+            // The VM itself or a child of it (`{vm}/extensions/x`, `{vm}/providers/…/tags/default`).
+            let is_under = |id: &str| {
+                resource_uri
+                    .get(..id.len())
+                    .is_some_and(|head| same(head, id))
+                    && resource_uri
+                        .get(id.len()..)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            };
+            if let Some(vm) = self.vms.iter_mut().find(|vm| is_under(&vm.id())) {
+                vm.etag += 1;
+            }
+        }
         self.outbox.push(super::events::resource_write_success(
             resource_uri,
             operation_name,

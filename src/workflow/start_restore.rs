@@ -10,25 +10,30 @@
 //! build a CloudEvent, the bare request JSON (`RestoreRequestFields`).
 //!
 //! One restore per ticket: before triggering, the source VM gets the tag
-//! `vmbackup-restore-<ticket>` = `pending:<time>`, then `job:<id>` once Azure accepted the restore.
-//! A later request with the same ticket finds the tag (in flight, or done when the job completed),
-//! `done:<job>` (a replace-existing restore completed: the VM itself is the restored one) or the
-//! restored VM (done, tag already removed by reinstall-ade or track-job) and starts nothing. Copies
-//! of one request racing each other never both get here: every door sends a request under
+//! `vmbackup-restore-<ticket>` = `pending:<time>:<request hash>`, then `job:<id>` once Azure accepted
+//! the restore. A later request with the same ticket finds the tag (in flight, or done when the job
+//! completed), `done:<job>` (a replace-existing restore completed: the VM itself is the restored one)
+//! or the restored VM (done, tag already removed by reinstall-ade or track-job) and starts nothing.
+//! Copies of one request never both get here: every door sends a request under
 //! [`request_message_id`](crate::domain::restore::request_message_id) and Service Bus keeps one.
+//! Two *different* requests for one ticket racing each other are kept apart by ARM's optimistic
+//! concurrency: the pending marker is written with a VM PATCH of all its tags under `If-Match` of the
+//! etag read with them, so only one wins; the loser reads the VM again and finds the winner's fresh
+//! marker. The request hash in the marker lets a redelivery of the winning request (it may have died
+//! between marker and trigger) recognise its own marker and go on.
 
 use super::track_job::{azure_code, send_event};
 use super::Deps;
 use crate::azure::backup::{
     EncryptionDetails, IaasVmRestoreRequest, KeyAndSecretDetails, ProtectedItemRef,
 };
-use crate::azure::compute::{TagsOperation, VirtualMachine};
+use crate::azure::compute::{is_precondition_failed, TagsOperation, VirtualMachine};
 use crate::azure::AzureError;
 use crate::domain::encryption::{AdeKeys, EncryptionKind, Kek};
 use crate::domain::restore::{
-    choose_recovery_point, plan_restore, split_object_url, validate_request, AllowedScopes,
-    AzureRecoveryType, RecoveryPoint, RecoveryPointSelector, RestoreContext as PlanContext,
-    RestoreRequestFields,
+    choose_recovery_point, plan_restore, request_message_id, split_object_url, validate_request,
+    AllowedScopes, AzureRecoveryType, RecoveryPoint, RecoveryPointSelector,
+    RestoreContext as PlanContext, RestoreRequest, RestoreRequestFields,
 };
 use crate::domain::{ReasonCode, Rejection, ResourceId};
 use crate::events::{
@@ -62,6 +67,11 @@ const PENDING_PREFIX: &str = "pending:";
 const JOB_PREFIX: &str = "job:";
 /// A replace-existing restore completed (the VM is its own restored VM, so the tag stays).
 pub(crate) const DONE_PREFIX: &str = "done:";
+/// How long another request's pending marker (with no job found for it) holds the ticket: it is
+/// between its marker and its trigger, seconds apart; an older one died and is taken over.
+const PENDING_HOLDS_FOR: chrono::Duration = chrono::Duration::minutes(10);
+/// Conditional marker writes lost to another write of the VM before the message is retried.
+const MARKER_ATTEMPTS: u32 = 5;
 
 /// A transient Azure error becomes a retry; anything else is returned for the caller to report.
 pub(crate) fn transient_or(error: AzureError) -> Result<AzureError, HandlerError> {
@@ -282,10 +292,56 @@ fn encryption_details(ks: Option<&KeyAndSecretDetails>) -> EncryptionDetails {
 /// What an earlier request with this ticket left behind.
 enum Earlier {
     Nothing,
+    /// This request's own pending marker with no job yet: it died before the trigger; go on.
+    OwnPending,
+    /// Another request's fresh pending marker: that one is starting this ticket's restore.
+    OtherPending,
     /// A restore job that is running or completed: nothing more to start.
     Job(String),
     /// The restored VM exists: the restore is done.
     Done,
+}
+
+/// The request's identity in its pending marker: the 16 hex digits of its
+/// [`request_message_id`] (`restore-<ticket>-<hash>`), the same for every door and redelivery.
+fn request_hash(request: &RestoreRequest) -> String {
+    let message_id = request_message_id(request);
+    match message_id.rsplit_once('-') {
+        Some((_, hash)) => hash.to_string(),
+        None => message_id,
+    }
+}
+
+fn pending_marker(now: DateTime<Utc>, request_hash: &str) -> String {
+    format!(
+        "{PENDING_PREFIX}{}:{request_hash}",
+        now.to_rfc3339_opts(SecondsFormat::Secs, true)
+    )
+}
+
+/// A pending marker: when it was written and, unless written before markers named their request
+/// (`pending:<time>`), by which request.
+#[derive(Debug, PartialEq)]
+struct Pending {
+    since: DateTime<Utc>,
+    request_hash: Option<String>,
+}
+
+fn parse_pending(marker: &str) -> Option<Pending> {
+    let rest = marker.strip_prefix(PENDING_PREFIX)?;
+    // The time's own colons never leave 16 hex digits after the last one.
+    if let Some((time, hash)) = rest.rsplit_once(':') {
+        if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some(Pending {
+                since: parse_time(time)?,
+                request_hash: Some(hash.to_ascii_lowercase()),
+            });
+        }
+    }
+    Some(Pending {
+        since: parse_time(rest)?,
+        request_hash: None,
+    })
 }
 
 fn parse_time(text: &str) -> Option<DateTime<Utc>> {
@@ -294,16 +350,31 @@ fn parse_time(text: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The ticket this request asks to restore, and where.
+struct TicketRestore<'a> {
+    vault_id: &'a str,
+    vm_id: &'a ResourceId,
+    restored_vm: Option<&'a ResourceId>,
+    ticket_id: &'a str,
+    request_hash: &'a str,
+}
+
 /// Look for this ticket's earlier restore: the restored VM, the tag's job, or (after a crash between
-/// the trigger and the tag update) a restore job of this VM started since the tag was written.
+/// the trigger and the tag update) a restore job of this VM started since the tag was written, or a
+/// request whose fresh pending marker says it is starting one.
 async fn earlier_restore(
     deps: &Deps,
     vm: Option<&VirtualMachine>,
-    vault_id: &str,
-    vm_id: &ResourceId,
-    restored_vm: Option<&ResourceId>,
-    ticket_id: &str,
+    ticket: &TicketRestore<'_>,
+    now: DateTime<Utc>,
 ) -> Result<Earlier, AzureError> {
+    let TicketRestore {
+        vault_id,
+        vm_id,
+        restored_vm,
+        ticket_id,
+        request_hash,
+    } = *ticket;
     if let Some(restored) = restored_vm {
         match deps.compute.get_vm(&restored.to_string(), false).await {
             Ok(_) => return Ok(Earlier::Done),
@@ -326,10 +397,10 @@ async fn earlier_restore(
             Err(e) => Err(e),
         };
     }
-    if let Some(since) = marker.strip_prefix(PENDING_PREFIX).and_then(parse_time) {
+    if let Some(pending) = parse_pending(marker) {
         let filter = format!(
             "operation eq 'Restore' and startTime eq '{}'",
-            since.to_rfc3339_opts(SecondsFormat::Secs, true)
+            pending.since.to_rfc3339_opts(SecondsFormat::Secs, true)
         );
         let jobs = deps.backup.list_jobs(vault_id, Some(&filter)).await?;
         let vm_name = vm_id.name();
@@ -342,8 +413,41 @@ async fn earlier_restore(
         }) {
             return Ok(Earlier::Job(job.name.clone()));
         }
+        match pending.request_hash {
+            Some(hash) if hash == request_hash => return Ok(Earlier::OwnPending),
+            Some(_) if now - pending.since < PENDING_HOLDS_FOR => return Ok(Earlier::OtherPending),
+            // A marker of before markers named their request, or one its request left long ago.
+            _ => {}
+        }
     }
     Ok(Earlier::Nothing)
+}
+
+/// Write the ticket's pending marker with the VM's tags as read plus the marker, only if the VM is
+/// still as read (`If-Match` its etag): false when another write came first.
+async fn claim_ticket(
+    deps: &Deps,
+    vm: &VirtualMachine,
+    vm_id: &ResourceId,
+    ticket_id: &str,
+    marker: String,
+) -> Result<bool, AzureError> {
+    let Some(etag) = vm.etag.as_deref() else {
+        // ARM shows every VM's etag; without one there is nothing to be conditional on.
+        tracing::warn!("the VM shows no etag; writing the ticket marker unconditionally");
+        return mark(deps, vm_id, ticket_id, marker).await.map(|()| true);
+    };
+    let mut tags = vm.tags.clone();
+    tags.insert(ticket_tag(ticket_id), marker);
+    match deps
+        .compute
+        .update_vm_tags_if_match(&vm_id.to_string(), &tags, etag)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_precondition_failed(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 pub(crate) async fn mark(
@@ -656,43 +760,66 @@ async fn start(
     // Replace-existing restores the VM itself: its existence says nothing about the ticket.
     let restored_vm =
         (plan.recovery_type != AzureRecoveryType::OriginalLocation).then_some(&plan.restored_vm_id);
-    let earlier = earlier_restore(
-        deps,
-        vm.as_ref(),
-        &item.vault_id,
-        &request.vm_id,
+    let ticket = TicketRestore {
+        vault_id: &item.vault_id,
+        vm_id: &request.vm_id,
         restored_vm,
-        &request.ticket_id,
-    )
-    .await
-    .map_err(|e| HandlerError::transient(format!("looking for an earlier restore: {e}")))?;
-    match earlier {
-        Earlier::Done => {
-            return Ok(Started::Earlier(format!(
-                "restored VM {} exists",
-                plan.restored_vm_name
-            )))
+        ticket_id: &request.ticket_id,
+        request_hash: &request_hash(&request),
+    };
+    let mut vm = vm;
+    let mut attempt = 1;
+    loop {
+        let earlier = earlier_restore(deps, vm.as_ref(), &ticket, now)
+            .await
+            .map_err(|e| HandlerError::transient(format!("looking for an earlier restore: {e}")))?;
+        match earlier {
+            Earlier::Done => {
+                return Ok(Started::Earlier(format!(
+                    "restored VM {} exists",
+                    plan.restored_vm_name
+                )))
+            }
+            Earlier::Job(job_id) => {
+                // The attempt that started this job may have died before handing it to track-job:
+                // hand it over again. The follow-up id is the same, so when the first hand-over was
+                // sent, Service Bus duplicate detection drops this one.
+                tracing::info!(ticket = %request.ticket_id, %job_id, "restore job already started for this ticket; tracking it");
+                return job_started(event, &request.vm_id, &item.vault_id, job_id, restore, now);
+            }
+            Earlier::OtherPending => {
+                return Ok(Started::Earlier(
+                    "another request for this ticket is starting its restore".into(),
+                ))
+            }
+            Earlier::OwnPending => break,
+            Earlier::Nothing => {}
         }
-        Earlier::Job(job_id) => {
-            // The attempt that started this job may have died before handing it to track-job:
-            // hand it over again. The follow-up id is the same, so when the first hand-over was
-            // sent, Service Bus duplicate detection drops this one.
-            tracing::info!(ticket = %request.ticket_id, %job_id, "restore job already started for this ticket; tracking it");
-            return job_started(event, &request.vm_id, &item.vault_id, job_id, restore, now);
+        // A deleted VM carries no marker (nothing to restore over, nothing to race on).
+        let Some(current) = &vm else { break };
+        let marker = pending_marker(now, ticket.request_hash);
+        let claimed = claim_ticket(deps, current, &request.vm_id, &request.ticket_id, marker)
+            .await
+            .map_err(|e| {
+                // The marker guards against a second restore; without it, do not start one.
+                HandlerError::transient(format!("tagging the VM for the ticket: {e}"))
+            })?;
+        if claimed {
+            break;
         }
-        Earlier::Nothing => {}
-    }
-    if vm.is_some() {
-        let pending = format!(
-            "{PENDING_PREFIX}{}",
-            now.to_rfc3339_opts(SecondsFormat::Secs, true)
-        );
-        if let Err(e) = mark(deps, &request.vm_id, &request.ticket_id, pending).await {
-            // The marker guards against a second restore; without it, do not start one.
+        if attempt == MARKER_ATTEMPTS {
             return Err(HandlerError::transient(format!(
-                "tagging the VM for the ticket: {e}"
+                "the VM kept changing while its ticket marker was written ({MARKER_ATTEMPTS} attempts)"
             )));
         }
+        attempt += 1;
+        // Someone wrote the VM since it was read (perhaps another request for this ticket): read
+        // it again and decide again.
+        vm = match deps.compute.get_vm(&vm_text, false).await {
+            Ok(vm) => Some(vm),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(HandlerError::transient(format!("reading the VM: {e}"))),
+        };
     }
     let (rp_id, staging) = (&plan.recovery_point.id, staging.to_string());
     let target = plan.target_resource_group.to_string();
@@ -792,4 +919,49 @@ fn os_type_of(point_os_type: Option<&str>, vm: Option<&VirtualMachine>) -> Strin
         })
         .unwrap_or("linux")
         .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_markers_are_read_in_both_formats() {
+        let at = parse_time("2026-11-28T15:12:32Z").unwrap();
+        let marker = pending_marker(at, "0123456789abcdef");
+        assert_eq!(marker, "pending:2026-11-28T15:12:32Z:0123456789abcdef");
+        assert_eq!(
+            parse_pending(&marker),
+            Some(Pending {
+                since: at,
+                request_hash: Some("0123456789abcdef".into())
+            })
+        );
+        // Written before markers named their request.
+        assert_eq!(
+            parse_pending("pending:2026-11-28T15:12:32Z"),
+            Some(Pending {
+                since: at,
+                request_hash: None
+            })
+        );
+        assert_eq!(parse_pending("pending:soon"), None);
+        assert_eq!(parse_pending("job:42"), None);
+    }
+
+    #[test]
+    fn the_request_hash_is_the_one_in_the_message_id() {
+        let fields = RestoreRequestFields {
+            ticket_id: Some("INC-7-a".into()),
+            vm_id: Some("/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm".into()),
+            ..Default::default()
+        };
+        let request = validate_request(&fields).unwrap();
+        let hash = request_hash(&request);
+        assert_eq!(hash.len(), 16);
+        assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(request_message_id(&request).ends_with(&format!("-{hash}")));
+        let marker = pending_marker(Utc::now(), &hash);
+        assert_eq!(parse_pending(&marker).unwrap().request_hash, Some(hash));
+    }
 }
