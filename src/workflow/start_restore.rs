@@ -788,9 +788,11 @@ async fn start(
                 return job_started(event, &request.vm_id, &item.vault_id, job_id, restore, now);
             }
             Earlier::OtherPending => {
-                return Ok(Started::Earlier(
-                    "another request for this ticket is starting its restore".into(),
-                ))
+                // Retried, not dropped: by the next delivery the other request has recorded its
+                // job (this one then follows it, for its own callback) or its marker has aged out.
+                return Err(HandlerError::transient(
+                    "another request for this ticket is starting its restore; retrying",
+                ));
             }
             Earlier::OwnPending => break,
             Earlier::Nothing => {}
