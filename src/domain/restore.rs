@@ -243,10 +243,19 @@ impl fmt::Display for RecoveryPointSelector {
 /// done. The digest covers the validated request in canonical form (ids compared as ARM does,
 /// defaults filled in), so spelling differences do not defeat it.
 pub fn request_message_id(request: &RestoreRequest) -> String {
+    format!(
+        "restore-{}-{}",
+        request.ticket_id.to_ascii_lowercase(),
+        request_digest(request)
+    )
+}
+
+/// The request's identity: 16 hex digits of SHA-256 of its canonical form (see
+/// [`request_message_id`], which carries it; start-restore's ticket marker names it too).
+pub fn request_digest(request: &RestoreRequest) -> String {
     let canonical = |id: Option<&ResourceId>| id.map(ResourceId::canonical).unwrap_or_default();
-    let ticket = request.ticket_id.to_ascii_lowercase();
     let content = [
-        ticket.clone(),
+        request.ticket_id.to_ascii_lowercase(),
         request.vm_id.canonical(),
         request.mode.to_string(),
         request.recovery_point.to_string(),
@@ -261,8 +270,7 @@ pub fn request_message_id(request: &RestoreRequest) -> String {
     ]
     .join("\n");
     let digest = Sha256::digest(content.as_bytes());
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("restore-{ticket}-{hex}")
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The subscriptions and resource groups the app may act on. Empty means nothing is allowed: scopes

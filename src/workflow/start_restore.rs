@@ -31,9 +31,9 @@ use crate::azure::compute::{is_precondition_failed, TagsOperation, VirtualMachin
 use crate::azure::AzureError;
 use crate::domain::encryption::{AdeKeys, EncryptionKind, Kek};
 use crate::domain::restore::{
-    choose_recovery_point, plan_restore, request_message_id, split_object_url, validate_request,
+    choose_recovery_point, plan_restore, request_digest, split_object_url, validate_request,
     AllowedScopes, AzureRecoveryType, RecoveryPoint, RecoveryPointSelector,
-    RestoreContext as PlanContext, RestoreRequest, RestoreRequestFields,
+    RestoreContext as PlanContext, RestoreRequestFields,
 };
 use crate::domain::{ReasonCode, Rejection, ResourceId};
 use crate::events::{
@@ -300,16 +300,6 @@ enum Earlier {
     Job(String),
     /// The restored VM exists: the restore is done.
     Done,
-}
-
-/// The request's identity in its pending marker: the 16 hex digits of its
-/// [`request_message_id`] (`restore-<ticket>-<hash>`), the same for every door and redelivery.
-fn request_hash(request: &RestoreRequest) -> String {
-    let message_id = request_message_id(request);
-    match message_id.rsplit_once('-') {
-        Some((_, hash)) => hash.to_string(),
-        None => message_id,
-    }
 }
 
 fn pending_marker(now: DateTime<Utc>, request_hash: &str) -> String {
@@ -765,7 +755,7 @@ async fn start(
         vm_id: &request.vm_id,
         restored_vm,
         ticket_id: &request.ticket_id,
-        request_hash: &request_hash(&request),
+        request_hash: &request_digest(&request),
     };
     let mut vm = vm;
     let mut attempt = 1;
@@ -926,6 +916,7 @@ fn os_type_of(point_os_type: Option<&str>, vm: Option<&VirtualMachine>) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::restore::request_message_id;
 
     #[test]
     fn pending_markers_are_read_in_both_formats() {
@@ -959,7 +950,7 @@ mod tests {
             ..Default::default()
         };
         let request = validate_request(&fields).unwrap();
-        let hash = request_hash(&request);
+        let hash = request_digest(&request);
         assert_eq!(hash.len(), 16);
         assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
         assert!(request_message_id(&request).ends_with(&format!("-{hash}")));
