@@ -77,9 +77,18 @@ fn query(state: &mut SimState, req: &Request) -> Reply {
     // result, and rendering every row again per page made 10,000-VM sweeps slow); a token whose
     // snapshot is gone is answered by running the query again.
     let query_key = format!("{}\n{}", subscriptions.join(",").to_ascii_lowercase(), text);
-    let rows = match snapshot.and_then(|id| state.graph_snapshots.get(id, &query_key)) {
-        Some(rows) => rows,
-        None => std::sync::Arc::new(run_pipeline(state, &pipeline, &subscriptions)),
+    let kept = snapshot.and_then(|id| {
+        state
+            .graph_snapshots
+            .get(id, &query_key)
+            .map(|rows| (id, rows))
+    });
+    let (kept_id, rows) = match kept {
+        Some((id, rows)) => (Some(id), rows),
+        None => (
+            None,
+            std::sync::Arc::new(run_pipeline(state, &pipeline, &subscriptions)),
+        ),
     };
     let total = rows.len();
     let end = skip.saturating_add(top as usize);
@@ -88,12 +97,12 @@ fn query(state: &mut SimState, req: &Request) -> Reply {
         "totalRecords": total, "count": page.len(), "resultTruncated": "false", "facets": [], "data": page
     });
     if end < total {
-        let id = match snapshot.filter(|id| state.graph_snapshots.get(*id, &query_key).is_some()) {
+        let id = match kept_id {
             Some(id) => id,
             None => state.graph_snapshots.insert(query_key, rows),
         };
         response["$skipToken"] = json!(encode_skip_token(end, id));
-    } else if let Some(id) = snapshot {
+    } else if let Some(id) = kept_id {
         state.graph_snapshots.remove(id);
     }
     Reply::ok(response)
