@@ -182,18 +182,22 @@ fn resource_group_location(state: &SimState, sub: &str, rg: &str) -> Option<Stri
         })
 }
 
+/// The template's `resources` array (none when it has no such array).
+fn template_resources(d: &Deployment) -> Vec<Value> {
+    d.template
+        .get("resources")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// `[{namespace, resourceTypes: [{resourceType, locations}]}]` of the template's resources.
 fn providers(d: &Deployment, rg_location: &str) -> Value {
     let mut by_namespace: std::collections::BTreeMap<
         String,
         std::collections::BTreeMap<String, Vec<String>>,
     > = Default::default();
-    let resources = d
-        .template
-        .get("resources")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let resources = template_resources(d);
     for resource in resources {
         let Some((namespace, kind)) = resource
             .get("type")
@@ -313,12 +317,7 @@ pub fn finalize_deployments(state: &mut SimState, now: DateTime<Utc>) {
             })
             .map(|v| v.location.clone())
             .unwrap_or_default();
-        let resources = d
-            .template
-            .get("resources")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let resources = template_resources(&d);
         let mut outputs = Vec::new();
         let mut failure = None;
         for resource in resources {
