@@ -99,27 +99,17 @@ fn main() {
             .filter_map(|vm| vm["backups"][field].as_u64())
             .sum()
     };
+    let (speed, seconds) = ((1.0 / time_scale).round(), wall.as_secs_f64());
+    let per_second = events as f64 / seconds;
+    let (completed, failed) = (count("completed"), count("failed"));
+    let (dead_lettered, arm_requests) = (&report["deadLettered"], &report["arm"]["requests"]);
     println!(
-        "local_run: {vms} VMs at {}x to idle in {:.2} s wall, {events} events, {:.0} events/s; \
-         {protected} protected, {} backups completed, {} failed, {} dead-lettered, {} ARM requests",
-        (1.0 / time_scale).round(),
-        wall.as_secs_f64(),
-        events as f64 / wall.as_secs_f64(),
-        count("completed"),
-        count("failed"),
-        report["deadLettered"],
-        report["arm"]["requests"],
+        "local_run: {vms} VMs at {speed}x to idle in {seconds:.2} s wall, {events} events, {per_second:.0} events/s; \
+         {protected} protected, {completed} backups completed, {failed} failed, {dead_lettered} dead-lettered, {arm_requests} ARM requests",
     );
     println!(
-        "BENCH local_vms={vms} local_speed={} local_seconds={:.2} local_events={events} local_events_per_second={:.0} \
-         local_protected={protected} local_backups_completed={} local_backups_failed={} local_dead_lettered={} local_arm_requests={}",
-        (1.0 / time_scale).round(),
-        wall.as_secs_f64(),
-        events as f64 / wall.as_secs_f64(),
-        count("completed"),
-        count("failed"),
-        report["deadLettered"],
-        report["arm"]["requests"],
+        "BENCH local_vms={vms} local_speed={speed} local_seconds={seconds:.2} local_events={events} local_events_per_second={per_second:.0} \
+         local_protected={protected} local_backups_completed={completed} local_backups_failed={failed} local_dead_lettered={dead_lettered} local_arm_requests={arm_requests}",
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -132,6 +132,31 @@ fn report(name: &str, vms: usize, m: &Measured, expected_pages: usize, extra: &s
     );
 }
 
+/// One discovery sweep over a fresh estate of `vms` tagged VMs (all protected or none), reported
+/// under `name` with the time of its Resource Graph queries alone; the harness is kept for more.
+async fn measure_discovery(name: &str, vms: usize, protected: bool) -> support::Harness {
+    let harness = start_alone(&fleet(vms, protected)).await;
+    let (measured, requested) = discovery(&harness).await;
+    let protected_rows = if protected { vms } else { 0 };
+    report(
+        name,
+        vms,
+        &measured,
+        pages(vms) + pages(protected_rows),
+        &format!(", {requested} protection.requested"),
+    );
+    let graph = graph_alone(&harness).await;
+    println!(
+        "  the same Resource Graph queries alone: {:.2} s",
+        graph.as_secs_f64()
+    );
+    println!(
+        "BENCH {name}_requested={requested} {name}_graph_seconds={:.2}",
+        graph.as_secs_f64()
+    );
+    harness
+}
+
 #[tokio::main]
 async fn main() {
     let vms: usize = std::env::var("VMBACKUP_BENCH_SWEEP_VMS")
@@ -140,45 +165,12 @@ async fn main() {
         .unwrap_or(10_000);
 
     // Discovery, first run: the tagged VMs' pages, one empty page of protected items.
-    let harness = start_alone(&fleet(vms, false)).await;
-    let (first, requested) = discovery(&harness).await;
-    report(
-        "discovery_first",
-        vms,
-        &first,
-        pages(vms) + pages(0),
-        &format!(", {requested} protection.requested"),
-    );
-    let graph = graph_alone(&harness).await;
-    println!(
-        "  the same Resource Graph queries alone: {:.2} s",
-        graph.as_secs_f64()
-    );
-    println!(
-        "BENCH discovery_first_requested={requested} discovery_first_graph_seconds={:.2}",
-        graph.as_secs_f64()
-    );
-    harness.stop().await;
-
+    measure_discovery("discovery_first", vms, false)
+        .await
+        .stop()
+        .await;
     // Steady state: every VM protected, both queries read in full, nothing requested.
-    let harness = start_alone(&fleet(vms, true)).await;
-    let (steady, requested) = discovery(&harness).await;
-    report(
-        "discovery_steady",
-        vms,
-        &steady,
-        pages(vms) + pages(vms),
-        &format!(", {requested} protection.requested"),
-    );
-    let graph = graph_alone(&harness).await;
-    println!(
-        "  the same Resource Graph queries alone: {:.2} s",
-        graph.as_secs_f64()
-    );
-    println!(
-        "BENCH discovery_steady_requested={requested} discovery_steady_graph_seconds={:.2}",
-        graph.as_secs_f64()
-    );
+    let harness = measure_discovery("discovery_steady", vms, true).await;
 
     let before = harness.sim.request_log().len();
     let started = Instant::now();
