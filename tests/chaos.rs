@@ -23,7 +23,6 @@
 
 mod support;
 
-use axum::extract::{Path, State};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -31,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{Harness, Options, RealHandler};
+use support::{Callbacks, Harness, Options, RealHandler};
 use vmbackup::domain::restore::RestoreRequestFields;
 use vmbackup::events::{queues, CloudEvent};
 use vmbackup::local::host::{DuplicateDelivery, HostEvent, Outcome};
@@ -366,52 +365,6 @@ fn fleet_json(plan: &Plan, vms: &[PlannedVm]) -> String {
         }
     })
     .to_string()
-}
-
-/// The ticket system: records every callback POST (`/hooks/{ticket}`) and answers 200.
-#[derive(Clone, Default)]
-struct Callbacks {
-    base: String,
-    calls: Arc<Mutex<Vec<(String, Value)>>>,
-}
-
-impl Callbacks {
-    async fn serve() -> Callbacks {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let callbacks = Callbacks {
-            base: format!("http://{}", listener.local_addr().unwrap()),
-            ..Default::default()
-        };
-        let router = axum::Router::new()
-            .route(
-                "/hooks/{ticket}",
-                axum::routing::post(
-                    |State(c): State<Callbacks>,
-                     Path(ticket): Path<String>,
-                     body: axum::body::Bytes| async move {
-                        let event = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        c.calls.lock().unwrap().push((ticket, event));
-                        axum::http::StatusCode::OK
-                    },
-                ),
-            )
-            .with_state(callbacks.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        callbacks
-    }
-
-    fn url(&self, ticket: &str) -> String {
-        format!("{}/hooks/{ticket}", self.base)
-    }
-
-    fn events_for(&self, ticket: &str) -> Vec<Value> {
-        let calls = self.calls.lock().unwrap();
-        calls
-            .iter()
-            .filter(|(t, _)| t == ticket)
-            .map(|(_, e)| e.clone())
-            .collect()
-    }
 }
 
 /// A restore ticket and how it must end.
@@ -943,7 +896,11 @@ async fn chaos_run_loses_nothing_and_starts_nothing_twice() {
             .collect()
     };
     for ticket in &tickets {
-        let answers = callbacks.events_for(&ticket.id);
+        let answers: Vec<Value> = callbacks
+            .calls_for(&ticket.id)
+            .into_iter()
+            .map(|call| call.event)
+            .collect();
         let trail = trail(&ticket.id);
         let kinds: BTreeSet<&str> = answers.iter().filter_map(|e| e["type"].as_str()).collect();
         let vm = ticket.fields.vm_id.as_deref().unwrap().to_ascii_lowercase();

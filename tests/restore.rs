@@ -6,13 +6,10 @@
 
 mod support;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::{Harness, Options};
+use support::{Callbacks, Harness, Options};
 use vmbackup::azure::backup::ProtectedItemRef;
 use vmbackup::domain::restore::RestoreRequestFields;
 use vmbackup::events::{queues, CloudEvent};
@@ -79,81 +76,6 @@ async fn start() -> (Harness, Callbacks) {
     let settings = HashMap::from([(settings::STAGING_STORAGE_ACCOUNT.to_string(), staging())]);
     let harness = Harness::start_with(&fleet(), Options { settings }).await;
     (harness, Callbacks::serve().await)
-}
-
-/// One POST a ticket's callback received, and the status it was answered with.
-#[derive(Clone, Debug)]
-struct CallbackCall {
-    ticket: String,
-    status: u16,
-    event: Value,
-}
-
-/// The ticket system's side: answers `POST /hooks/{ticket}` with 500 as many times as scripted for
-/// the ticket, then 200, and records every call.
-#[derive(Clone, Default)]
-struct Callbacks {
-    base: String,
-    calls: Arc<Mutex<Vec<CallbackCall>>>,
-    failures_left: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-impl Callbacks {
-    async fn serve() -> Callbacks {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let callbacks = Callbacks {
-            base: format!("http://{}", listener.local_addr().unwrap()),
-            ..Default::default()
-        };
-        let router = axum::Router::new()
-            .route("/hooks/{ticket}", axum::routing::post(Self::answer))
-            .with_state(callbacks.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        callbacks
-    }
-
-    async fn answer(
-        State(callbacks): State<Callbacks>,
-        Path(ticket): Path<String>,
-        body: axum::body::Bytes,
-    ) -> StatusCode {
-        let status = {
-            let mut failures = callbacks.failures_left.lock().unwrap();
-            match failures.get_mut(&ticket) {
-                Some(left) if *left > 0 => {
-                    *left -= 1;
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
-                _ => StatusCode::OK,
-            }
-        };
-        callbacks.calls.lock().unwrap().push(CallbackCall {
-            ticket,
-            status: status.as_u16(),
-            event: serde_json::from_slice(&body).unwrap_or(Value::Null),
-        });
-        status
-    }
-
-    fn url(&self, ticket: &str) -> String {
-        format!("{}/hooks/{ticket}", self.base)
-    }
-
-    fn fail_next(&self, ticket: &str, times: u32) {
-        self.failures_left
-            .lock()
-            .unwrap()
-            .insert(ticket.to_string(), times);
-    }
-
-    fn calls_for(&self, ticket: &str) -> Vec<CallbackCall> {
-        let calls = self.calls.lock().unwrap();
-        calls
-            .iter()
-            .filter(|c| c.ticket == ticket)
-            .cloned()
-            .collect()
-    }
 }
 
 fn request(callbacks: &Callbacks, vm: &str, ticket: &str) -> RestoreRequestFields {

@@ -417,3 +417,78 @@ impl Harness {
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
+
+/// One POST a ticket's callback received, and the status it was answered with.
+#[derive(Clone, Debug)]
+pub struct CallbackCall {
+    pub ticket: String,
+    pub status: u16,
+    pub event: Value,
+}
+
+/// The ticket system's side: answers `POST /hooks/{ticket}` with 500 as many times as scripted for
+/// the ticket, then 200, and records every call.
+#[derive(Clone, Default)]
+pub struct Callbacks {
+    base: String,
+    calls: Arc<std::sync::Mutex<Vec<CallbackCall>>>,
+    failures_left: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+}
+
+impl Callbacks {
+    pub async fn serve() -> Callbacks {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let callbacks = Callbacks {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            ..Default::default()
+        };
+        let router = axum::Router::new()
+            .route("/hooks/{ticket}", axum::routing::post(Self::answer))
+            .with_state(callbacks.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        callbacks
+    }
+
+    async fn answer(
+        axum::extract::State(callbacks): axum::extract::State<Callbacks>,
+        axum::extract::Path(ticket): axum::extract::Path<String>,
+        body: axum::body::Bytes,
+    ) -> axum::http::StatusCode {
+        let status = {
+            let mut failures = callbacks.failures_left.lock().unwrap();
+            match failures.get_mut(&ticket) {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => axum::http::StatusCode::OK,
+            }
+        };
+        callbacks.calls.lock().unwrap().push(CallbackCall {
+            ticket,
+            status: status.as_u16(),
+            event: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        });
+        status
+    }
+
+    pub fn url(&self, ticket: &str) -> String {
+        format!("{}/hooks/{ticket}", self.base)
+    }
+
+    pub fn fail_next(&self, ticket: &str, times: u32) {
+        self.failures_left
+            .lock()
+            .unwrap()
+            .insert(ticket.to_string(), times);
+    }
+
+    pub fn calls_for(&self, ticket: &str) -> Vec<CallbackCall> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|c| c.ticket == ticket)
+            .cloned()
+            .collect()
+    }
+}
